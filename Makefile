@@ -1,0 +1,41 @@
+# Two commands matter: `make demo` and `make test`. Both set up .venv first when needed.
+PYTHON ?= python3
+VENV ?= .venv
+# torch is installed first and on its own so that no other requirement pulls a different build.
+# On this project's CI machines `torch==2.13.0` resolves to a CPU wheel on local disk. On a GPU
+# machine PyPI's Linux x86_64 wheel is a CUDA build; choose another CUDA build with e.g.
+#   make setup TORCH_SPEC="torch==2.13.0" TORCH_PIP_ARGS="--index-url <PyTorch CUDA wheel index>"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup.stamp
+# Test/demo processes: loopback-only Ray, no Ray auth tokens for throwaway local clusters,
+# no MLflow telemetry.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/dinor1 demo --out demo_output
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/dinor1 bench data
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache

@@ -1,0 +1,175 @@
+"""The ``dinor1`` command line. Errors are one line naming the bad key/file; ``--debug`` shows
+the traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from dinor1.errors import UserError
+
+
+def _add_data_commands(sub) -> None:
+    data = sub.add_parser("data", help="datasets -> shards, and shard inspection")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+
+    synth = dsub.add_parser(
+        "synth",
+        help="generate the synthetic visual-prompt dataset (COCO format) and its shards",
+        description="Writes OUT/coco (images + instances JSON per split: train, val, support) "
+        "and, unless --no-shards, OUT/shards/<split> (WebDataset shards + manifest).",
+    )
+    synth.add_argument("out", help="output folder")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--image-size", type=int, default=128)
+    synth.add_argument("--num-train", type=int, default=2000)
+    synth.add_argument("--num-val", type=int, default=200)
+    synth.add_argument("--num-support", type=int, default=100)
+    synth.add_argument("--num-categories", type=int, default=8)
+    synth.add_argument("--num-novel", type=int, default=2)
+    synth.add_argument("--max-objects", type=int, default=6)
+    synth.add_argument("--samples-per-shard", type=int, default=500)
+    synth.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    synth.add_argument("--no-shards", action="store_true", help="write the COCO dataset only")
+
+    conv = dsub.add_parser(
+        "convert",
+        help="convert a dataset to WebDataset shards",
+        description="Restartable: a second run skips shards already complete (checked against "
+        "manifest.json). Bad inputs are skipped or clipped, counted, and reported at the end.",
+    )
+    conv.add_argument("format", choices=["coco", "objects365", "lvis", "odinw", "odvg"])
+    conv.add_argument("--out", required=True, help="output shard folder")
+    conv.add_argument("--annotations", help="instances JSON (coco/objects365/lvis) or JSONL (odvg)")
+    conv.add_argument("--images", help="folder the image file names are relative to")
+    conv.add_argument("--root", help="odinw: the folder holding all ODinW datasets")
+    conv.add_argument("--label-map", help="odvg: JSON {label: name} for detection records")
+    conv.add_argument("--split", help="split name for the manifest")
+    conv.add_argument("--samples-per-shard", type=int, default=1000)
+    conv.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+
+    insp = dsub.add_parser(
+        "inspect",
+        help="counts, checksums, category histogram and a PNG grid of a shard set",
+        description="SHARD_DIR may be a local folder or an s3://, gs:// or file:// URI.",
+    )
+    insp.add_argument("shard_dir")
+    insp.add_argument("--grid", help="PNG path for a grid of random samples with boxes drawn "
+                      "(default: SHARD_DIR/inspect_grid.png for local folders)")
+    insp.add_argument("--samples", type=int, default=16, help="samples in the grid")
+    insp.add_argument("--seed", type=int, default=0)
+    insp.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _add_bench_commands(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks that print ratios measured in one run")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
+    data = bsub.add_parser(
+        "data",
+        help="Ray Data pipeline vs a single-process PIL loop over the same shards",
+        description="Prints samples/s of both and the ratio per core used.",
+    )
+    data.add_argument("--shards", help="shard folder (default: a synthetic set made here)")
+    data.add_argument("--num-images", type=int, default=2000)
+    data.add_argument("--image-size", type=int, default=384)
+    data.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)
+    data.add_argument("--batch-size", type=int, default=16)
+    data.add_argument("--repeats", type=int, default=2)
+    data.add_argument("--work-dir", default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dinor1",
+        description="DINO-R1 (Grounding DINO + visual prompts + GRQO) on Ray, DeepSpeed, MLflow.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_data_commands(sub)
+    _add_bench_commands(sub)
+    demo = sub.add_parser(
+        "demo",
+        help="the embedded default end to end (currently: data -> shards -> Ray Data batches)",
+    )
+    demo.add_argument("--out", default="demo_output")
+    demo.add_argument("--num-train", type=int, default=2000)
+    return parser
+
+
+def cmd_data(args) -> int:
+    if args.data_command == "synth":
+        from dinor1.data.prepare import synthesize
+
+        synthesize(
+            args.out,
+            seed=args.seed,
+            image_size=args.image_size,
+            num_train=args.num_train,
+            num_val=args.num_val,
+            num_support=args.num_support,
+            num_categories=args.num_categories,
+            num_novel=args.num_novel,
+            max_objects=args.max_objects,
+            samples_per_shard=args.samples_per_shard,
+            workers=args.workers,
+            shards=not args.no_shards,
+        )
+        return 0
+    if args.data_command == "convert":
+        from dinor1.data.prepare import convert
+
+        convert(args)
+        return 0
+    from dinor1.data.inspect import format_inspect_report, inspect_shards
+
+    grid = args.grid
+    if grid is None and "://" not in args.shard_dir:
+        grid = str(Path(args.shard_dir) / "inspect_grid.png")
+    report = inspect_shards(args.shard_dir, grid_path=grid, grid_samples=args.samples,
+                            seed=args.seed)
+    print(json.dumps(report, indent=1) if args.json else format_inspect_report(report))
+    return 1 if report["checksum_failures"] else 0
+
+
+def cmd_bench(args) -> int:
+    from dinor1.bench.data_throughput import run_data_benchmark
+
+    run_data_benchmark(
+        shards=args.shards,
+        num_images=args.num_images,
+        image_size=args.image_size,
+        num_cpus=args.num_cpus,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        work_dir=args.work_dir,
+    )
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from dinor1.data.prepare import data_demo
+
+    data_demo(args.out, num_train=args.num_train)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"data": cmd_data, "bench": cmd_bench, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except (UserError, FileNotFoundError, ValueError) as exc:
+        if args.debug:
+            raise
+        print(f"dinor1: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dinor1: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Online data: shards -> Ray Data -> padded, normalised detection batches."""

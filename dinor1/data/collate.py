@@ -1,0 +1,135 @@
+"""Collate decoded rows into padded detection batches on the training worker.
+
+Used as ``iter_torch_batches(collate_fn=DetectionCollateFn(...))`` inside a Ray Train worker
+(on the iterator from ``ray.train.get_dataset_shard``) or on any Ray Dataset.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from dinor1.data.transforms import resized_hw
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DetectionCollateFn(NumpyBatchCollateFn):
+    """Rows -> one batch of tensors; skipped rows (``error`` set) are dropped and counted.
+
+    Train mode: each image is resized so its short side is a random choice of ``short_sides``
+    (long side at most ``max_size``; never upscaled past what the decode step produced), then
+    flipped horizontally with probability ``hflip_prob``. The randomness is seeded from
+    (``seed``, ``epoch``, the batch's keys), so it is reproducible whatever thread runs the
+    collate. Eval mode: images are used as decoded.
+
+    Returns a dict of tensors (so Ray can move it to the training device)::
+
+        pixel_values  float32 [B, 3, H, W]  normalised, zero-padded to the batch's largest image
+        pixel_mask    int64   [B, H, W]     1 on real pixels, 0 on padding
+        boxes         float32 [N, 4]        all images' boxes, normalised cx, cy, w, h
+        class_labels  int64   [N]           dataset category ids
+        num_boxes     int64   [B]           boxes per image (split ``boxes`` with it)
+        image_ids     int64   [B]
+        orig_sizes    int64   [B, 2]        (height, width) of the stored images
+        sizes         int64   [B, 2]        (height, width) after resizing, before padding
+        num_skipped   int64   []            rows of this batch skipped as corrupt
+        dropped_boxes int64   []            annotations dropped by the cleaning rules
+
+    ``B`` may be 0 when every row of a batch was corrupt; training loops skip such batches.
+    """
+
+    def __init__(
+        self,
+        *,
+        train: bool,
+        short_sides: tuple[int, ...] = (800,),
+        max_size: int = 1333,
+        hflip_prob: float = 0.5,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        size_divisor: int = 1,
+        seed: int = 0,
+        epoch: int = 0,
+    ):
+        super().__init__()
+        self.train, self.short_sides, self.max_size = train, tuple(short_sides), max_size
+        self.hflip_prob, self.size_divisor = hflip_prob, size_divisor
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.seed, self.epoch = seed, epoch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        errors = [str(e) for e in batch["error"]]
+        keep = [i for i, e in enumerate(errors) if not e]
+        keys = "|".join(str(batch["key"][i]) for i in keep)
+        rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(keys.encode())])
+        images, boxes_list, sizes = [], [], []
+        for i in keep:
+            image = torch.from_numpy(np.ascontiguousarray(batch["image"][i])).permute(2, 0, 1)
+            image = image.float().div_(255.0)
+            boxes = torch.from_numpy(np.asarray(batch["boxes"][i], np.float32).reshape(-1, 4))
+            if self.train:
+                image, boxes = self._augment(image, boxes, rng)
+            images.append((image - self.mean) / self.std)
+            boxes_list.append(boxes)
+            sizes.append(image.shape[-2:])
+        pixel_values, pixel_mask = self._pad(images)
+        labels = [torch.as_tensor(np.asarray(batch["labels"][i], np.int64)) for i in keep]
+        return {
+            "pixel_values": pixel_values,
+            "pixel_mask": pixel_mask,
+            "boxes": torch.cat(boxes_list) if keep else torch.zeros(0, 4),
+            "class_labels": torch.cat(labels) if keep else torch.zeros(0, dtype=torch.int64),
+            "num_boxes": torch.tensor([len(b) for b in boxes_list], dtype=torch.int64),
+            "image_ids": torch.tensor([int(batch["image_id"][i]) for i in keep], dtype=torch.int64),
+            "orig_sizes": torch.tensor(
+                np.array([batch["orig_size"][i] for i in keep], np.int64).reshape(-1, 2)
+            ),
+            "sizes": torch.tensor([list(s) for s in sizes], dtype=torch.int64).reshape(-1, 2),
+            "num_skipped": torch.tensor(len(errors) - len(keep), dtype=torch.int64),
+            "dropped_boxes": torch.tensor(int(np.sum(batch["dropped_boxes"])), dtype=torch.int64),
+        }
+
+    def _augment(self, image: torch.Tensor, boxes: torch.Tensor, rng: np.random.Generator):
+        height, width = image.shape[-2:]
+        short = int(rng.choice(self.short_sides))
+        new_h, new_w = resized_hw(height, width, short, self.max_size)
+        if new_h < height:  # normalised boxes are unchanged by resizing
+            image = F.interpolate(
+                image[None], size=(new_h, new_w), mode="bilinear", antialias=True
+            )[0]
+        if rng.random() < self.hflip_prob:
+            image = image.flip(-1)
+            boxes = boxes.clone()
+            boxes[:, 0] = 1.0 - boxes[:, 0]
+        return image, boxes
+
+    def _pad(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not images:
+            return torch.zeros(0, 3, 1, 1), torch.zeros(0, 1, 1, dtype=torch.int64)
+        div = self.size_divisor
+        height = -(-max(i.shape[1] for i in images) // div) * div
+        width = -(-max(i.shape[2] for i in images) // div) * div
+        pixel_values = torch.zeros(len(images), 3, height, width)
+        pixel_mask = torch.zeros(len(images), height, width, dtype=torch.int64)
+        for b, image in enumerate(images):
+            pixel_values[b, :, : image.shape[1], : image.shape[2]] = image
+            pixel_mask[b, : image.shape[1], : image.shape[2]] = 1
+        return pixel_values, pixel_mask
+
+
+def split_targets(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Per-image targets in the Hugging Face / DETR convention: ``[{"class_labels", "boxes"}]``."""
+    counts = batch["num_boxes"].tolist()
+    return [
+        {"class_labels": labels, "boxes": boxes}
+        for labels, boxes in zip(
+            batch["class_labels"].split(counts), batch["boxes"].split(counts)
+        )
+    ]

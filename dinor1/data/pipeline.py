@@ -1,0 +1,146 @@
+"""Shard locations -> a Ray Dataset of decoded samples -> detection batches.
+
+::
+
+    ds = detection_dataset("shards/train", cfg, train=True)     # driver side
+    trainer = TorchTrainer(..., datasets={"train": ds})
+    # in each worker:
+    shard = ray.train.get_dataset_shard("train")
+    for batch in iter_detection_batches(shard, cfg, train=True, epoch=epoch): ...
+
+Shuffling is seeded: the file order by ``FileShuffleConfig(seed)`` (a new order each epoch, the
+same sequence of orders for the same seed) and the local buffer by ``seed + epoch``. Which worker
+receives which block is decided at run time by Ray's streaming split, so the per-worker order is
+reproducible only with ``DataContext.execution_options.preserve_order``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray
+from ray.data import FileShuffleConfig
+
+from data_pipelines.shard_format import MANIFEST_NAME, SHARD_RE
+from dinor1.config import DataConfig
+from dinor1.data.collate import DetectionCollateFn
+from dinor1.data.datasource import ShardDatasource
+from dinor1.data.transforms import DecodeSample
+from dinor1.errors import UserError
+
+
+@dataclass
+class ShardSet:
+    """Resolved shard files of one or more locations, with the (first) manifest found."""
+
+    paths: list[str]
+    filesystem: pafs.FileSystem
+    manifest: dict[str, Any] | None
+
+    @property
+    def category_ids(self) -> list[int] | None:
+        if not self.manifest:
+            return None
+        return sorted(int(k) for k in self.manifest["categories"])
+
+
+def _filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in location:
+        try:
+            return pafs.FileSystem.from_uri(location)
+        except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for bad URIs/credentials
+            raise UserError(f"cannot open shard location {location}: {exc}") from exc
+    return pafs.LocalFileSystem(), str(Path(location).resolve())
+
+
+def open_shard_set(locations: str | list[str]) -> ShardSet:
+    """Resolve shard folders, single ``.tar`` files or URIs (``s3://``, ``gs://``, ``file://``).
+
+    A folder contributes its ``shard-*.tar`` files in name order; a manifest beside them, if any,
+    supplies the categories.
+    """
+    if isinstance(locations, str):
+        locations = [locations]
+    if not locations:
+        raise UserError("no shard location given")
+    paths: list[str] = []
+    manifest = None
+    fs = None
+    for location in locations:
+        fs_i, path = _filesystem(location)
+        fs = fs or fs_i
+        if type(fs_i) is not type(fs):
+            raise UserError(f"shard locations mix filesystems: {locations}")
+        info = fs_i.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise UserError(f"shard location not found: {location}")
+        if info.type == pafs.FileType.File:
+            paths.append(path)
+            continue
+        listing = fs_i.get_file_info(pafs.FileSelector(path, recursive=False))
+        shards = sorted(i.path for i in listing if SHARD_RE.match(i.base_name))
+        if not shards:
+            raise UserError(f"no shard-*.tar files in {location}")
+        paths.extend(shards)
+        manifest_path = f"{path.rstrip('/')}/{MANIFEST_NAME}"
+        if manifest is None and fs_i.get_file_info(manifest_path).type == pafs.FileType.File:
+            with fs_i.open_input_stream(manifest_path) as f:
+                try:
+                    manifest = json.loads(f.read())
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{manifest_path}: not valid JSON ({exc})") from exc
+    return ShardSet(paths=paths, filesystem=fs, manifest=manifest)
+
+
+def detection_dataset(
+    locations: str | list[str] | ShardSet, cfg: DataConfig, *, train: bool
+) -> ray.data.Dataset:
+    """A Ray Dataset of decoded samples (see :class:`~dinor1.data.transforms.DecodeSample`)."""
+    shard_set = locations if isinstance(locations, ShardSet) else open_shard_set(locations)
+    shuffle = FileShuffleConfig(seed=cfg.seed) if train and cfg.shuffle_files else None
+    source = ShardDatasource(shard_set.paths, filesystem=shard_set.filesystem, shuffle=shuffle)
+    ds = ray.data.read_datasource(source)
+    decode = DecodeSample(
+        short_side=max(cfg.train_short_sides) if train else cfg.eval_short_side,
+        max_size=cfg.train_max_size if train else cfg.eval_max_size,
+        category_ids=shard_set.category_ids,
+        keep_crowd=cfg.keep_crowd,
+    )
+    return ds.map(decode, num_cpus=cfg.decode_num_cpus, concurrency=cfg.decode_concurrency)
+
+
+def collate_fn(cfg: DataConfig, *, train: bool, epoch: int = 0) -> DetectionCollateFn:
+    return DetectionCollateFn(
+        train=train,
+        short_sides=tuple(cfg.train_short_sides),
+        max_size=cfg.train_max_size,
+        hflip_prob=cfg.hflip_prob,
+        mean=cfg.pixel_mean,
+        std=cfg.pixel_std,
+        size_divisor=cfg.size_divisor,
+        seed=cfg.seed,
+        epoch=epoch,
+    )
+
+
+def iter_detection_batches(
+    data, cfg: DataConfig, *, train: bool, epoch: int = 0, device: Any = "auto"
+):
+    """Batches from a Ray Dataset or a worker's ``DataIterator`` (``get_dataset_shard``).
+
+    ``device="auto"`` moves tensors to the Ray Train worker's device (inside a worker) and
+    leaves them on the CPU elsewhere.
+    """
+    shuffle = train and cfg.local_shuffle_buffer > 0
+    return data.iter_torch_batches(
+        batch_size=cfg.batch_size,
+        collate_fn=collate_fn(cfg, train=train, epoch=epoch),
+        local_shuffle_buffer_size=cfg.local_shuffle_buffer if shuffle else None,
+        local_shuffle_seed=cfg.seed + epoch if shuffle else None,
+        prefetch_batches=cfg.prefetch_batches,
+        device=device,
+    )

@@ -1,0 +1,124 @@
+"""Per-sample decoding, run inside Ray Data (``Dataset.map``): bytes -> resized image + targets.
+
+The expensive work (image decode, the large resize) happens here, in parallel Ray Data tasks;
+the per-batch random scale, flip, normalisation and padding happen in the collate function on the
+training worker (see :mod:`dinor1.data.collate`), where the epoch is known and randomness can be
+seeded deterministically.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+
+import numpy as np
+from PIL import Image
+
+from data_pipelines.annotations import clean_annotations
+
+
+def resized_hw(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
+    """DETR-style target size: the short side becomes ``short_side`` unless the long side would
+    exceed ``max_size``, in which case the long side becomes ``max_size``."""
+    scale = short_side / min(height, width)
+    if max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def xywh_to_cxcywh_normalised(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """[N, 4] COCO xywh pixels -> [N, 4] cx, cy, w, h in [0, 1]."""
+    out = np.empty_like(boxes, dtype=np.float32)
+    out[:, 0] = (boxes[:, 0] + boxes[:, 2] / 2) / width
+    out[:, 1] = (boxes[:, 1] + boxes[:, 3] / 2) / height
+    out[:, 2] = boxes[:, 2] / width
+    out[:, 3] = boxes[:, 3] / height
+    return out
+
+
+def _skipped(row: dict, error: str) -> dict:
+    return {
+        "key": row["__key__"],
+        "url": row["__url__"],
+        "error": error,
+        "image": np.zeros((1, 1, 3), np.uint8),
+        "boxes": np.zeros((0, 4), np.float32),
+        "labels": np.zeros((0,), np.int64),
+        "image_id": np.int64(-1),
+        "orig_size": np.zeros((2,), np.int64),
+        "dropped_boxes": np.int64(0),
+    }
+
+
+class DecodeSample:
+    """Callable for ``Dataset.map``: one shard row -> one decoded training/eval row.
+
+    Output row::
+
+        key, url, error   str
+        image             uint8 [H, W, 3], resized so the short side is ``short_side``
+                          (long side at most ``max_size``)
+        boxes             float32 [N, 4] normalised cx, cy, w, h
+        labels            int64 [N] dataset category ids
+        image_id          int64
+        orig_size         int64 [2] (height, width) of the stored image
+        dropped_boxes     int64 annotations dropped by the cleaning rules
+
+    A row that cannot be used gets ``error`` set (naming the shard and key) and placeholder
+    arrays; the collate function skips and counts it.
+    """
+
+    def __init__(
+        self,
+        short_side: int,
+        max_size: int,
+        category_ids: list[int] | None = None,
+        keep_crowd: bool = False,
+    ):
+        self.short_side, self.max_size = short_side, max_size
+        self.category_ids = set(category_ids) if category_ids is not None else None
+        self.keep_crowd = keep_crowd
+
+    def __call__(self, row: dict) -> dict:
+        key, url = row["__key__"], row["__url__"]
+        if row["error"]:
+            return _skipped(row, row["error"])
+        try:
+            meta = json.loads(row["json"])
+            anns = meta["annotations"]
+            image_id = int(meta["image_id"])
+        except (ValueError, KeyError, TypeError) as exc:
+            return _skipped(row, f"sample {key!r} in {url}: bad annotation JSON ({exc})")
+        try:
+            with Image.open(io.BytesIO(row["image"])) as img:
+                img = img.convert("RGB")
+        except Exception as exc:  # PIL raises many types for bad bytes
+            return _skipped(row, f"sample {key!r} in {url}: image does not decode ({exc})")
+        width, height = img.size
+        stats: Counter = Counter()
+        valid_ids = self.category_ids
+        if valid_ids is None:
+            valid_ids = {a.get("category_id") for a in anns if isinstance(a, dict)}
+        anns = clean_annotations(
+            (a for a in anns if isinstance(a, dict)), width, height, valid_ids, stats
+        )
+        if not self.keep_crowd:
+            anns = [a for a in anns if not a["iscrowd"]]
+        boxes = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
+        new_h, new_w = resized_hw(height, width, self.short_side, self.max_size)
+        if (new_h, new_w) != (height, width):
+            img = img.resize((new_w, new_h), Image.BILINEAR)
+        return {
+            "key": key,
+            "url": url,
+            "error": "",
+            "image": np.asarray(img, dtype=np.uint8),
+            "boxes": xywh_to_cxcywh_normalised(boxes, width, height),
+            "labels": np.array([a["category_id"] for a in anns], np.int64),
+            "image_id": np.int64(image_id),
+            "orig_size": np.array([height, width], np.int64),
+            "dropped_boxes": np.int64(
+                sum(v for k, v in stats.items() if k != "clipped_box")
+            ),
+        }

@@ -1,0 +1,63 @@
+"""Small on-disk datasets built by tests (no downloads)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_image(path: Path, width: int, height: int, seed: int, fmt: str = "JPEG") -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def make_coco(root: Path, num_images: int = 8, width: int = 64, height: int = 48,
+              categories=((1, "cat"), (2, "dog"), (5, "bird"))) -> tuple[Path, Path, dict]:
+    """A clean COCO dataset: images/ + instances.json; every image has 1-3 valid boxes."""
+    images, anns = [], []
+    rng = np.random.default_rng(0)
+    for i in range(1, num_images + 1):
+        write_image(root / "images" / f"{i:04d}.jpg", width, height, seed=i)
+        images.append({"id": i, "file_name": f"{i:04d}.jpg", "width": width, "height": height})
+        for _ in range(1 + i % 3):
+            w, h = float(rng.integers(4, 20)), float(rng.integers(4, 20))
+            x, y = float(rng.integers(0, width - 20)), float(rng.integers(0, height - 20))
+            anns.append({"id": len(anns) + 1, "image_id": i, "bbox": [x, y, w, h],
+                         "category_id": int(categories[len(anns) % len(categories)][0]),
+                         "iscrowd": 0, "area": w * h})
+    data = {"images": images, "annotations": anns,
+            "categories": [{"id": c, "name": n} for c, n in categories]}
+    ann_path = root / "instances.json"
+    ann_path.write_text(json.dumps(data))
+    return ann_path, root / "images", data
+
+
+def read_shard_samples(shard_dir: Path) -> dict[int, dict]:
+    """image_id -> sample JSON for every sample in a shard folder (plain tarfile reader)."""
+    out = {}
+    for shard in sorted(shard_dir.glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    sample = json.loads(tar.extractfile(member).read())
+                    out[sample["image_id"]] = sample
+    return out
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
