@@ -71,7 +71,8 @@ class DetectionCollateFn(NumpyBatchCollateFn):
         rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(keys.encode())])
         images, boxes_list, sizes = [], [], []
         for i in keep:
-            image = torch.from_numpy(np.ascontiguousarray(batch["image"][i])).permute(2, 0, 1)
+            pixels = np.require(batch["image"][i], np.uint8, ["C", "W"])  # Ray hands read-only
+            image = torch.from_numpy(pixels).permute(2, 0, 1)
             image = image.float().div_(255.0)
             boxes = torch.from_numpy(np.asarray(batch["boxes"][i], np.float32).reshape(-1, 4))
             if self.train:

@@ -95,7 +95,11 @@ def _draw_grid(samples: list[tuple[bytes, dict]], names: dict, path: str, tile: 
     rows = max(1, -(-len(samples) // cols))
     canvas = Image.new("RGB", (cols * tile, rows * tile), (32, 32, 32))
     for i, (data, meta) in enumerate(samples):
-        img = Image.open(io.BytesIO(data)).convert("RGB")
+        try:
+            img = Image.open(io.BytesIO(data)).convert("RGB")
+        except Exception:  # a damaged sample still gets its tile, marked
+            img = Image.new("RGB", (tile, tile), (90, 0, 0))
+            ImageDraw.Draw(img).text((8, 8), f"undecodable: {meta.get('image_id')}")
         scale = tile / max(img.size)
         img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))))
         draw = ImageDraw.Draw(img)

@@ -1,0 +1,160 @@
+"""Shards -> Ray Data -> batches, on a real local Ray cluster."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipelines.converters import load_coco
+from data_pipelines.shard_writer import write_shards
+from dinor1.config import DataConfig
+from dinor1.data.collate import DetectionCollateFn, split_targets
+from dinor1.data.pipeline import detection_dataset, iter_detection_batches, open_shard_set
+from dinor1.errors import UserError
+from tests.helpers import make_coco, write_image, write_tar
+
+CFG = dict(batch_size=4, train_short_sides=[32, 40, 48], train_max_size=96, eval_short_side=48,
+           eval_max_size=96, local_shuffle_buffer=8)
+
+
+def _shards(tmp_path: Path, num_images: int, per_shard: int = 6) -> Path:
+    ann, images, _ = make_coco(tmp_path / "src", num_images=num_images)
+    write_shards(load_coco(ann, images), tmp_path / "shards", samples_per_shard=per_shard,
+                 progress=False)
+    return tmp_path / "shards"
+
+
+def _corrupt_shard(path: Path, tmp_path: Path) -> None:
+    """shard with 2 good samples and 4 bad ones: garbage image, invalid JSON, no image member,
+    and a NaN box (the sample is kept, the box dropped)."""
+    img = write_image(tmp_path / "ok.jpg", 64, 48, seed=7)
+
+    def meta(image_id, box=(2, 2, 10, 10)):
+        return json.dumps({"image_id": image_id, "width": 64, "height": 48, "annotations": [
+            {"id": image_id, "bbox": list(box), "category_id": 1, "iscrowd": 0}]}).encode()
+
+    write_tar(path, [
+        ("g1.jpg", img), ("g1.json", meta(901)),
+        ("b1.jpg", b"\xff\xd8 garbage bytes"), ("b1.json", meta(902)),
+        ("b2.jpg", img), ("b2.json", b"{not json"),
+        ("b3.json", meta(903)),
+        ("g2.jpg", img), ("g2.json", meta(904, box=(1, float("nan"), 5, 5))),
+    ])
+
+
+def test_collate_shapes_flip_and_determinism():
+    rows = {
+        "key": np.array(["a", "b", "bad"], dtype=object),
+        "error": np.array(["", "", "broken"], dtype=object),
+        "image": np.array([np.full((40, 60, 3), 128, np.uint8), np.zeros((30, 20, 3), np.uint8),
+                           np.zeros((1, 1, 3), np.uint8)], dtype=object),
+        "boxes": np.array([np.array([[0.25, 0.5, 0.1, 0.2]], np.float32),
+                           np.zeros((0, 4), np.float32), np.zeros((0, 4), np.float32)],
+                          dtype=object),
+        "labels": np.array([np.array([3]), np.zeros(0, np.int64), np.zeros(0, np.int64)],
+                           dtype=object),
+        "image_id": np.array([1, 2, -1]),
+        "orig_size": np.array([[40, 60], [30, 20], [0, 0]]),
+        "dropped_boxes": np.array([0, 1, 0]),
+    }
+    flip = DetectionCollateFn(train=True, short_sides=(40,), max_size=100, hflip_prob=1.0)
+    out = flip(rows)
+    assert out["pixel_values"].shape == (2, 3, 40, 60) and out["num_skipped"] == 1
+    assert out["pixel_mask"][1].sum() == 30 * 20 and out["pixel_mask"][0].sum() == 40 * 60
+    assert out["sizes"].tolist() == [[40, 60], [30, 20]]  # never upscaled
+    assert torch.allclose(out["boxes"][0], torch.tensor([0.75, 0.5, 0.1, 0.2]))
+    assert out["dropped_boxes"] == 1 and out["num_boxes"].tolist() == [1, 0]
+    assert [t["class_labels"].tolist() for t in split_targets(out)] == [[3], []]
+    multi = DetectionCollateFn(train=True, short_sides=(10, 20, 30), max_size=100, seed=3)
+    assert torch.equal(multi(rows)["pixel_values"], multi(rows)["pixel_values"])
+    other_epoch = DetectionCollateFn(train=True, short_sides=(10, 20, 30), max_size=100, seed=3,
+                                     epoch=1)
+    sizes = {tuple(c(rows)["sizes"][0].tolist()) for c in (multi, other_epoch)}
+    assert all(s[0] in (10, 20, 30) for s in sizes)
+
+
+def test_config_errors_name_the_key():
+    from dinor1.config import apply_overrides, validate
+
+    with pytest.raises(UserError, match="'data.batch_sise': unknown key"):
+        validate(DataConfig, apply_overrides({}, ["batch_sise=3"]), prefix="data")
+    with pytest.raises(UserError, match="'data.batch_size'"):
+        validate(DataConfig, {"batch_size": 0}, prefix="data")
+    with pytest.raises(UserError, match="'data.hflip_prob'"):
+        validate(DataConfig, apply_overrides({}, ["hflip_prob=2"]), prefix="data")
+    assert validate(DataConfig, apply_overrides({}, ["train_short_sides=[64, 96]"])) \
+        .train_short_sides == [64, 96]
+
+
+def test_missing_location_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        open_shard_set(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no shard-"):
+        open_shard_set(str(tmp_path / "empty"))
+
+
+@pytest.mark.ray
+def test_corrupt_samples_are_skipped_and_counted(ray_cluster, tmp_path):
+    shards = _shards(tmp_path, num_images=10, per_shard=5)
+    _corrupt_shard(shards / "shard-000002.tar", tmp_path)
+    cfg = DataConfig(**CFG)
+    ds = detection_dataset(str(shards), cfg, train=True)
+    ids, skipped, dropped = [], 0, 0
+    for batch in iter_detection_batches(ds, cfg, train=True, device="cpu"):
+        ids += batch["image_ids"].tolist()
+        skipped += int(batch["num_skipped"])
+        dropped += int(batch["dropped_boxes"])
+        assert batch["pixel_values"].shape[-1] <= 96
+        assert torch.isfinite(batch["boxes"]).all()
+    assert sorted(ids) == list(range(1, 11)) + [901, 904]
+    assert skipped == 3 and dropped == 1
+
+
+@pytest.mark.ray
+def test_file_uri_and_eval_mode(ray_cluster, tmp_path):
+    shards = _shards(tmp_path, num_images=5)
+    cfg = DataConfig(**CFG)
+    ds = detection_dataset(shards.resolve().as_uri(), cfg, train=False)
+    batches = list(iter_detection_batches(ds, cfg, train=False, device="cpu"))
+    assert sum(len(b["image_ids"]) for b in batches) == 5
+    assert all(b["sizes"][:, 0].eq(48).all() for b in batches)  # fixed eval resize (64x48 in)
+
+
+def _coverage_loop(config):
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    cfg = DataConfig(**config["data"])
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(2):
+        ids = [i for b in iter_detection_batches(shard, cfg, train=True, epoch=epoch)
+               for i in b["image_ids"].tolist()]
+        Path(config["out"], f"rank{rank}-epoch{epoch}.json").write_text(json.dumps(ids))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_trainer_workers_get_disjoint_shards_covering_the_epoch(ray_cluster, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    shards = _shards(tmp_path, num_images=24, per_shard=4)
+    cfg = DataConfig(**CFG)
+    out = tmp_path / "seen"
+    out.mkdir()
+    trainer = TorchTrainer(
+        _coverage_loop,
+        train_loop_config={"data": cfg.model_dump(), "out": str(out)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        datasets={"train": detection_dataset(str(shards), cfg, train=True)},
+        run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="coverage"),
+    )
+    trainer.fit()
+    for epoch in range(2):
+        a = json.loads((out / f"rank0-epoch{epoch}.json").read_text())
+        b = json.loads((out / f"rank1-epoch{epoch}.json").read_text())
+        assert a and b and not set(a) & set(b)
+        assert sorted(a + b) == list(range(1, 25))

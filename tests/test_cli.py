@@ -1,0 +1,53 @@
+"""The installed `dinor1` console script: help, one-line errors, convert + inspect."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import make_coco
+
+DINOR1 = str(Path(sys.executable).parent / "dinor1")
+
+
+def run(*args, check_rc=None):
+    proc = subprocess.run([DINOR1, *args], capture_output=True, text=True, timeout=300)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.mark.parametrize("cmd", [[], ["data"], ["data", "synth"], ["data", "convert"],
+                                 ["data", "inspect"], ["bench", "data"], ["demo"]])
+def test_help(cmd):
+    out = run(*cmd, "--help", check_rc=0).stdout
+    assert "usage: dinor1" in out
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    proc = run("data", "inspect", str(tmp_path / "missing"), check_rc=2)
+    assert proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith("dinor1: error:") and "missing" in proc.stderr
+    proc = run("data", "convert", "coco", "--out", str(tmp_path / "o"), check_rc=2)
+    assert "--annotations" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("--debug", "data", "inspect", str(tmp_path / "missing"))
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_convert_then_inspect_verifies_checksums(tmp_path):
+    ann, images, _ = make_coco(tmp_path / "src", num_images=6)
+    out = tmp_path / "shards"
+    run("data", "convert", "coco", "--annotations", str(ann), "--images", str(images),
+        "--out", str(out), "--samples-per-shard", "4", "--workers", "1", check_rc=0)
+    proc = run("data", "inspect", str(out), check_rc=0)
+    assert "6 samples" in proc.stdout and "2/2 match" in proc.stdout
+    assert "cat" in proc.stdout and (out / "inspect_grid.png").stat().st_size > 0
+    again = run("data", "convert", "coco", "--annotations", str(ann), "--images", str(images),
+                "--out", str(out), "--samples-per-shard", "4", "--workers", "1", check_rc=0)
+    assert "0 of 2 shards to write" in again.stderr
+    with open(out / "shard-000001.tar", "r+b") as f:
+        f.seek(700)
+        f.write(b"XXXX")
+    proc = run("data", "inspect", str(out), check_rc=1)
+    assert "MISMATCH" in proc.stdout and "shard-000001.tar" in proc.stdout
