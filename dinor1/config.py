@@ -44,6 +44,7 @@ class DataConfig(StrictModel):
     prefetch_batches: int = Field(2, ge=0)
     decode_concurrency: int | None = Field(None, gt=0)
     decode_num_cpus: float = Field(1.0, gt=0)
+    decode_batch_size: int = Field(32, gt=0)
 
     @model_validator(mode="after")
     def _positive_sides(self) -> DataConfig:

@@ -35,7 +35,7 @@ def _single_process_epoch(shard_set, cfg) -> tuple[int, float]:
     for path in shard_set.paths:
         with shard_set.filesystem.open_input_stream(path) as f:
             for row in iter_shard_rows(f, path):
-                rows.append(decode(row))
+                rows.append(decode.decode_row(row))
                 if len(rows) == cfg.batch_size:
                     n += flush()
                     rows = []

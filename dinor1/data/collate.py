@@ -60,8 +60,9 @@ class DetectionCollateFn(NumpyBatchCollateFn):
         super().__init__()
         self.train, self.short_sides, self.max_size = train, tuple(short_sides), max_size
         self.hflip_prob, self.size_divisor = hflip_prob, size_divisor
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        # in uint8 units, so the batch is normalised straight from the padded uint8 tensor
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255.0
+        self.inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255.0)
         self.seed, self.epoch = seed, epoch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -69,18 +70,16 @@ class DetectionCollateFn(NumpyBatchCollateFn):
         keep = [i for i, e in enumerate(errors) if not e]
         keys = "|".join(str(batch["key"][i]) for i in keep)
         rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(keys.encode())])
-        images, boxes_list, sizes = [], [], []
+        images, boxes_list = [], []
         for i in keep:
             pixels = np.require(batch["image"][i], np.uint8, ["C", "W"])  # Ray hands read-only
-            image = torch.from_numpy(pixels).permute(2, 0, 1)
-            image = image.float().div_(255.0)
-            boxes = torch.from_numpy(np.asarray(batch["boxes"][i], np.float32).reshape(-1, 4))
+            image = torch.from_numpy(pixels).permute(2, 0, 1)  # uint8 [3, H, W]
+            boxes = torch.from_numpy(np.array(batch["boxes"][i], np.float32).reshape(-1, 4))
             if self.train:
                 image, boxes = self._augment(image, boxes, rng)
-            images.append((image - self.mean) / self.std)
+            images.append(image)
             boxes_list.append(boxes)
-            sizes.append(image.shape[-2:])
-        pixel_values, pixel_mask = self._pad(images)
+        pixel_values, pixel_mask = self._pad_and_normalise(images)
         labels = [torch.as_tensor(np.asarray(batch["labels"][i], np.int64)) for i in keep]
         return {
             "pixel_values": pixel_values,
@@ -92,7 +91,8 @@ class DetectionCollateFn(NumpyBatchCollateFn):
             "orig_sizes": torch.tensor(
                 np.array([batch["orig_size"][i] for i in keep], np.int64).reshape(-1, 2)
             ),
-            "sizes": torch.tensor([list(s) for s in sizes], dtype=torch.int64).reshape(-1, 2),
+            "sizes": torch.tensor([list(im.shape[-2:]) for im in images],
+                                  dtype=torch.int64).reshape(-1, 2),
             "num_skipped": torch.tensor(len(errors) - len(keep), dtype=torch.int64),
             "dropped_boxes": torch.tensor(int(np.sum(batch["dropped_boxes"])), dtype=torch.int64),
         }
@@ -102,27 +102,37 @@ class DetectionCollateFn(NumpyBatchCollateFn):
         short = int(rng.choice(self.short_sides))
         new_h, new_w = resized_hw(height, width, short, self.max_size)
         if new_h < height:  # normalised boxes are unchanged by resizing
-            image = F.interpolate(
-                image[None], size=(new_h, new_w), mode="bilinear", antialias=True
-            )[0]
+            image = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear",
+                                  antialias=True)[0].round_().clamp_(0, 255).to(torch.uint8)
         if rng.random() < self.hflip_prob:
             image = image.flip(-1)
             boxes = boxes.clone()
             boxes[:, 0] = 1.0 - boxes[:, 0]
         return image, boxes
 
-    def _pad(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pad_and_normalise(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [3, h, w] images -> normalised float [B, 3, H, W] (zero padding) + mask.
+
+        Normalises each image straight into its slot of an uninitialised batch tensor and zeroes
+        only the padding: the float work is the collate's main cost on the training worker.
+        """
         if not images:
             return torch.zeros(0, 3, 1, 1), torch.zeros(0, 1, 1, dtype=torch.int64)
         div = self.size_divisor
-        height = -(-max(i.shape[1] for i in images) // div) * div
-        width = -(-max(i.shape[2] for i in images) // div) * div
-        pixel_values = torch.zeros(len(images), 3, height, width)
-        pixel_mask = torch.zeros(len(images), height, width, dtype=torch.int64)
+        heights = torch.tensor([i.shape[1] for i in images])
+        widths = torch.tensor([i.shape[2] for i in images])
+        height = -(-int(heights.max()) // div) * div
+        width = -(-int(widths.max()) // div) * div
+        pixel_values = torch.empty(len(images), 3, height, width)
         for b, image in enumerate(images):
-            pixel_values[b, :, : image.shape[1], : image.shape[2]] = image
-            pixel_mask[b, : image.shape[1], : image.shape[2]] = 1
-        return pixel_values, pixel_mask
+            h, w = image.shape[1:]
+            torch.sub(image, self.mean, out=pixel_values[b, :, :h, :w]).mul_(self.inv_std)
+            pixel_values[b, :, h:, :] = 0
+            pixel_values[b, :, :h, w:] = 0
+        pixel_mask = (torch.arange(height)[None, :, None] < heights[:, None, None]) & (
+            torch.arange(width)[None, None, :] < widths[:, None, None]
+        )
+        return pixel_values, pixel_mask.long()
 
 
 def split_targets(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
