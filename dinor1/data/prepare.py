@@ -75,6 +75,7 @@ def convert(args) -> None:
 
 def data_demo(out: str, *, num_train: int = 2000) -> None:
     """Until training lands: synthetic data -> shards -> inspect -> one epoch of Ray Data batches."""
+    import logging
     import os
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -91,6 +92,8 @@ def data_demo(out: str, *, num_train: int = 2000) -> None:
     print(format_inspect_report(report, top=10))
     ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False,
              _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         cfg = DataConfig(train_short_sides=[96, 112, 128], train_max_size=128, batch_size=8)
         ds = detection_dataset(str(dirs["train"]), cfg, train=True)
