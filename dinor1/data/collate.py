@@ -80,7 +80,7 @@ class DetectionCollateFn(NumpyBatchCollateFn):
             images.append(image)
             boxes_list.append(boxes)
         pixel_values, pixel_mask = self._pad_and_normalise(images)
-        labels = [torch.as_tensor(np.asarray(batch["labels"][i], np.int64)) for i in keep]
+        labels = [torch.from_numpy(np.array(batch["labels"][i], np.int64)) for i in keep]
         return {
             "pixel_values": pixel_values,
             "pixel_mask": pixel_mask,
