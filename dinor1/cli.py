@@ -79,6 +79,11 @@ def _add_bench_commands(sub) -> None:
     data.add_argument("--batch-size", type=int, default=16)
     data.add_argument("--repeats", type=int, default=2)
     data.add_argument("--work-dir", default=None)
+    model = bsub.add_parser("model", help="forward+backward time per step of a model preset")
+    model.add_argument("--preset", default="tiny-cpu")
+    model.add_argument("--batch-size", type=int, default=4)
+    model.add_argument("--image-size", type=int, default=128)
+    model.add_argument("--steps", type=int, default=20)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +140,12 @@ def cmd_data(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.bench_command == "model":
+        from dinor1.bench.model_step import run_model_benchmark
+
+        run_model_benchmark(preset=args.preset, batch_size=args.batch_size,
+                            image_size=args.image_size, steps=args.steps)
+        return 0
     from dinor1.bench.data_throughput import run_data_benchmark
 
     run_data_benchmark(
