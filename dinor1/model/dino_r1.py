@@ -209,13 +209,15 @@ class DinoR1(nn.Module):
                           prompt_embeddings: torch.Tensor | None = None,
                           prompt_mask: torch.Tensor | None = None, *,
                           prompt_boxes: torch.Tensor | None = None,
-                          prompt_box_mask: torch.Tensor | None = None) -> ReferenceOutput:
+                          prompt_box_mask: torch.Tensor | None = None,
+                          features: ImageFeatures | None = None) -> ReferenceOutput:
         """Forward only as far as query selection (GRQO's frozen reference needs no decoder).
 
         Prompts are either given as embeddings [B, U, d], or as boxes to encode with this
         model's own prompt encoder (``prompt_boxes`` [B, U, 4], one box per prompt per image).
         """
-        features = self.image_features(pixel_values, pixel_mask)
+        if features is None:
+            features = self.image_features(pixel_values, pixel_mask)
         if prompt_embeddings is None:
             prompt_embeddings = self.encode_boxes(features, prompt_boxes, prompt_box_mask)
             prompt_mask = prompt_box_mask

@@ -68,21 +68,34 @@ def assemble_training_prompts(model, features, boxes: list[torch.Tensor],
     where = [(b, i) for b, lab in enumerate(labels) for i in range(len(lab))]
     categories = torch.unique(flat_labels).long()
     chosen = torch.full((len(categories), exemplars_per_class, 2), -1, dtype=torch.long)
-    prompts = []
     for u, category in enumerate(categories.tolist()):
         members = (flat_labels == category).nonzero().flatten()
         order = torch.randperm(len(members), generator=generator)[:exemplars_per_class]
-        picks = [where[int(members[j])] for j in order]
-        chosen[u, : len(picks)] = torch.tensor(picks)
-        prompts.append(torch.stack([instances[b, i] for b, i in picks]).mean(0))
-    d_model = instances.shape[-1]
-    embeddings = torch.stack(prompts) if prompts else instances.new_zeros(0, d_model)
+        chosen[u, : len(order)] = torch.tensor([where[int(members[j])] for j in order])
+    embeddings = prompts_from_exemplars(instances, chosen)
     index = {c: u for u, c in enumerate(categories.tolist())}
     target_labels = [torch.tensor([index[int(c)] for c in lab.tolist()], dtype=torch.long,
                                   device=lab.device) for lab in labels]
     return TrainingPrompts(embeddings=embeddings, category_ids=categories,
                            instance_embeddings=instances, instance_mask=mask, exemplars=chosen,
                            target_labels=target_labels)
+
+
+def prompts_from_exemplars(instances: torch.Tensor, exemplars: torch.Tensor) -> torch.Tensor:
+    """Average the chosen instance embeddings into one prompt per category.
+
+    Args:
+        instances: [B, P, d] encoded GT instances.
+        exemplars: [U, K, 2] (image, instance) per exemplar, -1 for unused slots.
+
+    Returns:
+        [U, d]. The GRQO reference re-encodes the same exemplars with its own weights.
+    """
+    used = exemplars[..., 0] >= 0  # [U, K]
+    index = exemplars.clamp(min=0).to(instances.device)
+    picked = instances[index[..., 0], index[..., 1]]  # [U, K, d]
+    weights = used.to(instances.device, instances.dtype)[..., None]
+    return (picked * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
 @dataclass

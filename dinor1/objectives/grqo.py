@@ -1,0 +1,130 @@
+"""GRQO: Group Relative Query Optimization (METHOD.md section 3).
+
+Each image's Q matching queries form a group. A query's reward is how well it aligns with its
+best ground truth, ``r_i = -min_j C_ij`` with C the Hungarian matching cost; advantages are the
+rewards z-scored within the group, ``A_i = (r_i - mean r) / (std r + 2e-9)`` (unbiased std), and
+the last ``num_mute`` queries in top-K order get ``A_i = 0`` (without the mute the advantages of a
+group sum to exactly 0). A KL term (the k3 estimator) keeps the policy's query objectness close
+to a frozen reference model's objectness at the same tokens.
+
+Two forms (config ``grqo.form``):
+
+- ``release`` (the authors' code): ``L_l = mean(-alpha * A + beta * KL)`` with A differentiable
+  through the reward, i.e. through the matching cost into the predictions;
+- ``policy_gradient`` (DECISION, ours): ``L_l = mean(-A.detach() * log sigmoid(s) + beta * KL)``
+  with ``s`` the query's score at layer l (the caller passes it, e.g. its best prompt logit).
+
+Summed over decoder layers, as in the release.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EPS = 2e-9
+
+
+def query_rewards(cost: torch.Tensor, gt_mask: torch.Tensor, *, return_has_gt: bool = False):
+    """Per-query rewards from the matching cost.
+
+    Args:
+        cost: [B, Q, G] or [L, B, Q, G] matching cost (lower is better).
+        gt_mask: [B, G] bool, True for real ground truths.
+        return_has_gt: also return the [B] flag of images that have any ground truth.
+
+    Returns:
+        [B, Q] (or [L, B, Q]) rewards ``-min_j C_ij`` over valid GTs; 0 for images without GT.
+    """
+    valid = gt_mask[:, None, :]
+    best = cost.masked_fill(~valid, float("inf")).min(-1).values
+    has_gt = gt_mask.any(-1)
+    rewards = torch.where(has_gt[:, None], -best, torch.zeros_like(best))
+    return (rewards, has_gt) if return_has_gt else rewards
+
+
+def grqo_advantages(rewards: torch.Tensor, num_mute: int, has_gt: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """Group-relative advantages: z-score over each image's queries, then mute the tail.
+
+    Args:
+        rewards: [B, Q] (or [L, B, Q]) in top-K order (best-ranked query first).
+        num_mute: how many of the last queries get advantage 0.
+        has_gt: [B] bool; images without ground truth get all-zero advantages.
+
+    Returns:
+        Advantages with the shape of ``rewards``.
+    """
+    mean = rewards.mean(-1, keepdim=True)
+    std = rewards.std(-1, keepdim=True)  # unbiased, as torch's default (and the release)
+    advantages = (rewards - mean) / (std + EPS)
+    num_queries = rewards.shape[-1]
+    keep = torch.ones(num_queries, dtype=rewards.dtype, device=rewards.device)
+    if num_mute > 0:
+        keep[max(0, num_queries - num_mute):] = 0
+    advantages = advantages * keep
+    if has_gt is not None:
+        advantages = advantages * has_gt[:, None].to(rewards.dtype)
+    return advantages
+
+
+def objectness_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, eps: float = EPS
+                  ) -> torch.Tensor:
+    """k3 estimator of KL[policy || reference] on sigmoid objectness, elementwise.
+
+    ``(r + eps) / (p + eps) - log(r + eps) + log(p + eps) - 1`` with p, r the policy and
+    reference probabilities; >= 0, and 0 where p == r.
+    """
+    p = policy_logits.sigmoid()
+    r = ref_logits.detach().sigmoid()
+    return (r + eps) / (p + eps) - torch.log(r + eps) + torch.log(p + eps) - 1
+
+
+def grqo_loss(cost: torch.Tensor, gt_mask: torch.Tensor, policy_objectness: torch.Tensor,
+              ref_objectness: torch.Tensor, *, form: str = "release", alpha: float = 0.01,
+              beta: float = 0.04, num_mute: int = 0,
+              scores: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRQO term, summed over decoder layers.
+
+    Args:
+        cost: [L, B, Q, G] matching cost of every layer (keep it in the graph for ``release``).
+        gt_mask: [B, G].
+        policy_objectness: [B, Q] policy objectness logits at its selected tokens.
+        ref_objectness: [B, Q] reference objectness logits at the POLICY's selected tokens.
+        form: ``"release"`` or ``"policy_gradient"``.
+        alpha, beta: advantage and KL weights.
+        num_mute: muted tail queries per group.
+        scores: [L, B, Q] per-layer query logits for the policy-gradient form.
+
+    Returns:
+        (loss, diagnostics) with reward/advantage statistics, the KL mean and the muted fraction.
+    """
+    if form not in ("release", "policy_gradient"):
+        raise ValueError(f"grqo form must be 'release' or 'policy_gradient', got {form!r}")
+    rewards, has_gt = query_rewards(cost, gt_mask, return_has_gt=True)
+    advantages = grqo_advantages(rewards, num_mute, has_gt)
+    kl = objectness_kl(policy_objectness, ref_objectness)
+    num_layers = cost.shape[0]
+    if form == "release":
+        per_layer = (-alpha * advantages + beta * kl[None]).mean(dim=(1, 2))
+    else:
+        if scores is None:
+            raise ValueError("the policy_gradient form needs per-layer query scores")
+        log_prob = F.logsigmoid(scores)
+        per_layer = (-advantages.detach() * log_prob + beta * kl[None]).mean(dim=(1, 2))
+    loss = per_layer.sum()
+    rewards, advantages, kl = rewards.detach(), advantages.detach(), kl.detach()
+    group_rewards = rewards[:, has_gt] if has_gt.any() else rewards
+    diagnostics = {
+        "grqo/reward_mean": float(group_rewards.mean()),
+        "grqo/reward_std": float(group_rewards.std(-1).mean()) if rewards.shape[-1] > 1 else 0.0,
+        "grqo/advantage_mean": float(advantages.mean()),
+        "grqo/advantage_abs_mean": float(advantages.abs().mean()),
+        "grqo/advantage_max": float(advantages.max()),
+        "grqo/advantage_min": float(advantages.min()),
+        "grqo/kl_mean": float(kl.mean()),
+        "grqo/muted_fraction": min(num_mute, rewards.shape[-1]) / rewards.shape[-1],
+        "grqo/images_without_gt": float((~has_gt).sum()),
+        "grqo/layers": float(num_layers),
+    }
+    return loss, diagnostics

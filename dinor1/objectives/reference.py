@@ -1,0 +1,127 @@
+"""The frozen reference model of GRQO's KL term (METHOD.md section 3).
+
+A copy of the policy with no gradients, in eval mode, refreshed from the policy at the start of
+every epoch (the release), every N steps, or never (config ``grqo.ref_refresh``). It runs only up
+to query selection, re-encoding the policy's prompt exemplars with its own prompt encoder, and
+returns its objectness at the tokens the policy selected.
+
+DeepSpeed: the policy may be a ``DeepSpeedEngine``; under ZeRO-3 its parameters are partitioned
+across workers, so a deepcopy would copy empty shards. The reference is therefore always a fresh
+model built from the policy's config and loaded with a full state dict gathered with
+``deepspeed.zero.GatheredParameters`` (a no-op for stages 0-2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from dinor1.model.prompts import pad_instances, prompts_from_exemplars
+
+
+def parse_refresh(spec: str) -> tuple[str, int]:
+    """``"epoch"`` | ``"never"`` | ``"steps:N"`` -> (kind, N)."""
+    if spec in ("epoch", "never"):
+        return spec, 0
+    kind, _, count = spec.partition(":")
+    if kind == "steps" and count.isdigit() and int(count) > 0:
+        return "steps", int(count)
+    raise ValueError(f"grqo.ref_refresh must be 'epoch', 'never' or 'steps:N', got {spec!r}")
+
+
+def unwrap(policy: nn.Module) -> nn.Module:
+    """The plain module inside a DeepSpeed engine (or the module itself)."""
+    return getattr(policy, "module", policy)
+
+
+def full_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
+    """A complete CPU copy of the policy's weights, gathering ZeRO-3 partitions if needed."""
+    module = unwrap(policy)
+    params = list(module.parameters())
+    gather = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitioned parameters
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    with gather:
+        return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+class ReferenceModel:
+    """Frozen policy copy for the objectness KL.
+
+    Args:
+        policy: the policy (a DinoR1 or a DeepSpeed engine around one).
+        refresh: ``"epoch"``, ``"never"`` or ``"steps:N"``.
+        factory: builds an empty model of the policy's architecture (default: from its
+            ``config`` and ``settings``).
+        device: where the reference runs (default: the policy's device).
+    """
+
+    def __init__(self, policy: nn.Module, refresh: str = "epoch",
+                 factory: Callable[[], nn.Module] | None = None,
+                 device: torch.device | str | None = None):
+        self.kind, self.every = parse_refresh(refresh)
+        module = unwrap(policy)
+        self.factory = factory or (lambda: type(module)(module.config, module.settings))
+        self.device = device or next(module.parameters()).device
+        self.model = self.factory().to(self.device).eval().requires_grad_(False)
+        self.refreshes = 0
+        self.last_refresh_step = 0
+        self.seconds = 0.0
+        self.calls = 0
+        self.refresh(policy, step=0)
+
+    def should_refresh(self, step: int, new_epoch: bool) -> bool:
+        if self.kind == "epoch":
+            return new_epoch
+        if self.kind == "steps":
+            return step - self.last_refresh_step >= self.every
+        return False
+
+    def refresh(self, policy: nn.Module, step: int) -> None:
+        """Copy the policy's current weights into the reference (every worker calls this)."""
+        self.model.load_state_dict(full_state_dict(policy))
+        self.refreshes += 1
+        self.last_refresh_step = step
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @torch.inference_mode()
+    def objectness(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor,
+                   boxes: list[torch.Tensor], exemplars: torch.Tensor,
+                   selected_indices: torch.Tensor) -> torch.Tensor:
+        """Reference objectness logits at the policy's selected tokens.
+
+        Args:
+            pixel_values, pixel_mask: the batch.
+            boxes: per image [n_b, 4] GT boxes (the instances the exemplars index).
+            exemplars: [U, K, 2] the policy's prompt exemplars (``TrainingPrompts.exemplars``).
+            selected_indices: [B, Q] the policy's selected token indices.
+
+        Returns:
+            [B, Q] logits (no graph).
+        """
+        start = time.perf_counter()
+        model = self.model
+        features = model.image_features(pixel_values, pixel_mask)
+        padded, mask = pad_instances(boxes)
+        instances = model.encode_boxes(features, padded, mask)
+        prompts = prompts_from_exemplars(instances, exemplars)
+        batch = pixel_values.shape[0]
+        out = model.reference_forward(pixel_values, pixel_mask,
+                                      prompts[None].expand(batch, -1, -1), features=features)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out.token_objectness.gather(1, selected_indices).clone()
+
+    def stats(self) -> dict[str, float]:
+        return {"reference/param_megabytes": self.parameter_bytes / 2**20,
+                "reference/seconds_per_call": self.seconds / max(1, self.calls),
+                "reference/refreshes": float(self.refreshes)}
