@@ -1,0 +1,157 @@
+"""One training step's objective: detection (SFT) loss, optionally + GRQO, as named terms.
+
+Per batch (METHOD.md sections 1-3):
+
+1. image features; every GT instance encoded; one prompt per category of the batch;
+2. CDN queries from the GTs (labels are prompt indices);
+3. the forward pass; the matching cost of every decoder layer computed ONCE, vectorised;
+4. Hungarian matching per layer and image on that cost; detection loss for every decoder layer,
+   the encoder proposals (in graph) and the CDN queries;
+5. stage ``grqo``: rewards from the same cost, advantages, KL against the frozen reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dinor1.model.denoising import build_denoising_queries
+from dinor1.model.prompts import assemble_training_prompts
+from dinor1.objectives.contrastive import VisualTextContrastive, mean_instance_embeddings
+from dinor1.objectives.detection import detection_loss, num_boxes_across_workers
+from dinor1.objectives.grqo import grqo_loss
+from dinor1.objectives.matcher import hungarian_match, matching_cost
+from dinor1.objectives.reference import ReferenceModel, unwrap
+
+
+@dataclass
+class ObjectiveSettings:
+    """Weights and switches of the training objective (defaults: METHOD.md)."""
+
+    class_weight: float = 1.0
+    bbox_weight: float = 5.0
+    giou_weight: float = 2.0
+    match_class_weight: float = 2.0
+    match_bbox_weight: float = 5.0
+    match_giou_weight: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    exemplars_per_class: int = 1
+    denoising: bool = True
+    encoder_loss: bool = True
+    grqo_form: str = "release"
+    grqo_alpha: float = 0.01
+    grqo_beta: float = 0.04
+    grqo_num_mute: int = 300
+    contrastive_weight: float = 100.0  # the release's weight; used only with class names
+
+
+def pad_targets(labels: list[torch.Tensor], boxes: list[torch.Tensor]):
+    """Per-image targets -> gt_labels [B, G] (-1 padding), gt_boxes [B, G, 4], gt_mask [B, G]."""
+    most = max([1] + [len(lab) for lab in labels])
+    device = boxes[0].device if boxes else "cpu"
+    gt_labels = torch.full((len(labels), most), -1, dtype=torch.long, device=device)
+    gt_boxes = torch.zeros(len(labels), most, 4, device=device)
+    for b, (lab, box) in enumerate(zip(labels, boxes)):
+        gt_labels[b, : len(lab)] = lab
+        gt_boxes[b, : len(box)] = box
+    return gt_labels, gt_boxes, gt_labels >= 0
+
+
+def training_losses(model, batch: dict[str, torch.Tensor], *, stage: str = "sft",
+                    settings: ObjectiveSettings | None = None,
+                    reference: ReferenceModel | None = None,
+                    generator: torch.Generator | None = None,
+                    class_text: dict[int, torch.Tensor] | None = None,
+                    contrastive: VisualTextContrastive | None = None,
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss and its named terms for one batch from :class:`DetectionCollateFn`.
+
+    Args:
+        model: a DinoR1 (or a DeepSpeed engine around one).
+        batch: ``pixel_values``, ``pixel_mask``, ``boxes``, ``class_labels``, ``num_boxes``.
+        stage: ``"sft"`` (detection loss) or ``"grqo"`` (detection loss + GRQO term).
+        reference: the frozen reference (required for ``grqo``).
+        generator: randomness of prompt exemplars and CDN noise.
+        class_text: {category id: [d] text embedding of its name} (frozen); with
+            ``contrastive`` (which owns the learnable temperature) it adds the visual-text
+            contrastive term. Off when either is None.
+    """
+    if stage not in ("sft", "grqo"):
+        raise ValueError(f"stage must be 'sft' or 'grqo', got {stage!r}")
+    if stage == "grqo" and reference is None:
+        raise ValueError("stage 'grqo' needs a reference model")
+    s = settings or ObjectiveSettings()
+    net = unwrap(model)
+    pixels, mask = batch["pixel_values"], batch["pixel_mask"]
+    counts = batch["num_boxes"].tolist()
+    boxes = list(batch["boxes"].split(counts))
+    features = net.image_features(pixels, mask)
+    prompts = assemble_training_prompts(net, features, boxes, list(batch["class_labels"].split(
+        counts)), exemplars_per_class=s.exemplars_per_class, generator=generator)
+    batch_size = pixels.shape[0]
+    embeddings = prompts.embeddings[None].expand(batch_size, -1, -1)
+    gt_labels, gt_boxes, gt_mask = pad_targets(prompts.target_labels, boxes)
+    dn = None
+    if s.denoising:
+        targets = [{"labels": t, "boxes": b} for t, b in zip(prompts.target_labels, boxes)]
+        dn = build_denoising_queries(targets, embeddings, net.config.num_queries,
+                                     num_dn_queries=net.settings.num_dn_queries,
+                                     label_noise_ratio=net.settings.dn_label_noise,
+                                     box_noise_scale=net.settings.dn_box_noise,
+                                     generator=generator)
+    out = net(pixels, mask, net.visual_prompts(embeddings), features=features, denoising=dn)
+    prompt_mask = out.prompt_mask
+    num_boxes = num_boxes_across_workers(gt_mask)
+    loss_kw = dict(class_weight=s.class_weight, bbox_weight=s.bbox_weight,
+                   giou_weight=s.giou_weight, alpha=s.focal_alpha, gamma=s.focal_gamma)
+    cost_kw = dict(class_weight=s.match_class_weight, bbox_weight=s.match_bbox_weight,
+                   giou_weight=s.match_giou_weight, alpha=s.focal_alpha, gamma=s.focal_gamma)
+
+    cost = matching_cost(out.logits, out.boxes, gt_labels, gt_boxes, **cost_kw)  # [L, B, Q, G]
+    matches = hungarian_match(cost.detach(), gt_mask)
+    terms: dict[str, torch.Tensor] = {}
+
+    def add(prefix: str, parts: dict[str, torch.Tensor]) -> None:
+        for name, value in parts.items():
+            terms[f"{prefix}/{name}"] = value
+
+    for layer in range(out.logits.shape[0]):
+        add(f"dec{layer}", detection_loss(out.logits[layer], out.boxes[layer], matches[layer],
+                                          gt_labels, gt_boxes, prompt_mask, num_boxes,
+                                          **loss_kw))
+    if s.encoder_loss:
+        enc_cost = matching_cost(out.encoder_logits, out.encoder_boxes, gt_labels, gt_boxes,
+                                 **cost_kw)
+        add("enc", detection_loss(out.encoder_logits, out.encoder_boxes,
+                                  hungarian_match(enc_cost.detach(), gt_mask), gt_labels,
+                                  gt_boxes, prompt_mask, num_boxes, **loss_kw))
+    if dn is not None:
+        dn_matches = dn.meta.positive_pairs
+        for layer in range(out.dn_logits.shape[0]):
+            add(f"dn{layer}", detection_loss(out.dn_logits[layer], out.dn_boxes[layer],
+                                             dn_matches, gt_labels, gt_boxes, prompt_mask,
+                                             num_boxes * dn.meta.num_groups, **loss_kw))
+    if class_text is not None and contrastive is not None:
+        categories = prompts.category_ids.tolist()
+        visual = mean_instance_embeddings(prompts.instance_embeddings, prompts.instance_mask,
+                                          list(batch["class_labels"].split(counts)),
+                                          prompts.category_ids)
+        text = torch.stack([class_text[c] for c in categories]).to(visual)
+        terms["contrastive"] = s.contrastive_weight * contrastive(visual, text.detach())
+    logs: dict[str, float] = {}
+    if stage == "grqo":
+        ref = reference.objectness(pixels, mask, boxes, prompts.exemplars, out.selected_indices)
+        scores = out.logits.max(-1).values
+        grqo, logs = grqo_loss(cost, gt_mask, out.objectness, ref, form=s.grqo_form,
+                               alpha=s.grqo_alpha, beta=s.grqo_beta,
+                               num_mute=min(s.grqo_num_mute, out.logits.shape[2]),
+                               scores=scores)
+        terms["grqo"] = grqo
+    total = torch.stack(list(terms.values())).sum()
+    logs.update({f"loss/{k}": float(v.detach()) for k, v in terms.items()})
+    logs["loss/total"] = float(total.detach())
+    logs["data/num_prompts"] = float(prompts.embeddings.shape[0])
+    logs["data/num_boxes"] = float(gt_mask.sum())
+    return total, logs

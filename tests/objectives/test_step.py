@@ -1,0 +1,73 @@
+"""The combined training objective on a real (tiny) DINO-R1 and a real collated batch."""
+
+import math
+
+import pytest
+import torch
+
+from dinor1.model.dino_r1 import DinoR1
+from dinor1.model.presets import tiny_cpu
+from dinor1.objectives.contrastive import VisualTextContrastive
+from dinor1.objectives.reference import ReferenceModel
+from dinor1.objectives.step import ObjectiveSettings, training_losses
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "pixel_values": torch.randn(2, 3, 64, 64, generator=g),
+        "pixel_mask": torch.ones(2, 64, 64, dtype=torch.long),
+        "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2],
+                               [0.5, 0.5, 0.4, 0.4]]),
+        "class_labels": torch.tensor([4, 9, 9]),
+        "num_boxes": torch.tensor([2, 1]),
+    }
+
+
+def test_sft_terms_and_learning():
+    torch.manual_seed(0)
+    model = DinoR1(tiny_cpu()).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for step in range(12):
+        loss, logs = training_losses(model, _batch(), stage="sft",
+                                     generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    layers = model.config.decoder_layers
+    for prefix in [f"dec{i}" for i in range(layers)] + ["enc"] + [f"dn{i}" for i in range(layers)]:
+        for term in ("loss_class", "loss_bbox", "loss_giou"):
+            assert f"loss/{prefix}/{term}" in logs
+    assert "loss/grqo" not in logs and logs["data/num_prompts"] == 2.0
+    assert sum(losses[-3:]) < sum(losses[:3])  # it learns the batch
+
+
+def test_grqo_stage_adds_the_term_and_diagnostics():
+    torch.manual_seed(0)
+    model = DinoR1(tiny_cpu()).train()
+    reference = ReferenceModel(model, refresh="epoch")
+    settings = ObjectiveSettings(grqo_num_mute=10)
+    loss, logs = training_losses(model, _batch(), stage="grqo", settings=settings,
+                                 reference=reference, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert "loss/grqo" in logs and math.isfinite(logs["loss/grqo"])
+    assert logs["grqo/muted_fraction"] == pytest.approx(10 / model.config.num_queries)
+    assert logs["grqo/kl_mean"] >= 0
+    with pytest.raises(ValueError, match="reference"):
+        training_losses(model, _batch(), stage="grqo")
+
+
+def test_contrastive_term_only_with_class_names():
+    torch.manual_seed(0)
+    model = DinoR1(tiny_cpu()).train()
+    d = model.config.d_model
+    class_text = {4: torch.randn(d), 9: torch.randn(d)}
+    contrast = VisualTextContrastive()
+    loss, logs = training_losses(model, _batch(), class_text=class_text, contrastive=contrast)
+    loss.backward()
+    assert "loss/contrastive" in logs and contrast.log_scale.grad is not None
+    _, logs = training_losses(model, _batch())
+    assert "loss/contrastive" not in logs
