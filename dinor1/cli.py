@@ -95,6 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_data_commands(sub)
     _add_bench_commands(sub)
+    train = sub.add_parser(
+        "train",
+        help="train DINO-R1 with Ray Train + DeepSpeed, tracked in MLflow",
+        description="CONFIG is a job YAML (see jobs/); key=value overrides use dotted keys, "
+        "e.g. data.batch_size=8 deepspeed.zero_stage=3. Unknown keys and bad values fail "
+        "before anything starts.",
+    )
+    train.add_argument("config", help="job YAML, e.g. jobs/demo.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value")
+    train.add_argument("--address", default=None,
+                       help="Ray cluster address (default: RAY_ADDRESS or a new local Ray)")
+    train.add_argument("--check", action="store_true",
+                       help="validate and print the resolved config, then exit")
     demo = sub.add_parser(
         "demo",
         help="the embedded default end to end (currently: data -> shards -> Ray Data batches)",
@@ -160,6 +173,21 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import yaml
+
+    from dinor1.config import load_train_config
+
+    cfg = load_train_config(args.config, args.overrides)
+    if args.check:
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        return 0
+    from dinor1.train.launch import run_training
+
+    result = run_training(cfg, ray_address=args.address)
+    return 0 if result.error is None else 1
+
+
 def cmd_demo(args) -> int:
     from dinor1.data.prepare import data_demo
 
@@ -169,7 +197,7 @@ def cmd_demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"data": cmd_data, "bench": cmd_bench, "demo": cmd_demo}
+    handlers = {"data": cmd_data, "bench": cmd_bench, "train": cmd_train, "demo": cmd_demo}
     try:
         return handlers[args.command](args)
     except (UserError, FileNotFoundError, ValueError) as exc:

@@ -8,7 +8,7 @@ Sections are added as the system grows; YAML files in ``jobs/`` are instances of
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -53,6 +53,126 @@ class DataConfig(StrictModel):
         return self
 
 
+class ModelConfig(StrictModel):
+    """Where the weights start: a preset (random init), a dinor1 directory, or a Hugging Face
+    Grounding DINO checkpoint (local directory or hub name)."""
+
+    init: str = "tiny-cpu"
+    prompt_encoder_ffn_dim: int | None = Field(None, gt=0)  # default: the preset's FFN size
+    num_dn_queries: int = Field(100, ge=0)
+
+
+class PromptsConfig(StrictModel):
+    exemplars_per_class: int = Field(1, gt=0)
+
+
+class ObjectivesConfig(StrictModel):
+    class_weight: float = Field(1.0, ge=0)
+    bbox_weight: float = Field(5.0, ge=0)
+    giou_weight: float = Field(2.0, ge=0)
+    denoising: bool = True
+    encoder_loss: bool = True
+
+
+class GRQOConfig(StrictModel):
+    form: Literal["release", "policy_gradient"] = "release"
+    alpha: float = Field(0.01, ge=0)
+    beta: float = Field(0.04, ge=0)
+    num_mute: int = Field(300, ge=0)
+    ref_refresh: str = Field("epoch", pattern=r"^(epoch|never|steps:[1-9][0-9]*)$")
+
+
+class StagesConfig(StrictModel):
+    """The paper's "1+5": ``sft_epochs`` of SFT then ``grqo_epochs`` with GRQO."""
+
+    sft_epochs: int = Field(1, ge=0)
+    grqo_epochs: int = Field(5, ge=0)
+    max_steps_per_epoch: int | None = Field(None, gt=0)  # cap an epoch (smoke runs, demos)
+
+    @model_validator(mode="after")
+    def _some_epochs(self) -> StagesConfig:
+        if self.sft_epochs + self.grqo_epochs == 0:
+            raise ValueError("sft_epochs + grqo_epochs must be > 0")
+        return self
+
+
+class OptimizerConfig(StrictModel):
+    lr: float = Field(4e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    backbone_lr_mult: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class ScheduleConfig(StrictModel):
+    """Linear warm-up from ``warmup_factor`` x lr, then x``gamma`` at each ``decay_epochs``."""
+
+    warmup_steps: int = Field(1000, ge=0)
+    warmup_factor: float = Field(0.1, gt=0, le=1)
+    decay_epochs: list[int] = Field(default_factory=lambda: [8, 11])
+    gamma: float = Field(0.1, gt=0)
+
+
+class ScalingSection(StrictModel):
+    num_workers: int = Field(2, gt=0)
+    min_workers: int | None = Field(None, gt=0)  # with max_workers: an elastic range
+    max_workers: int | None = Field(None, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class DeepSpeedSection(StrictModel):
+    zero_stage: int = Field(2, ge=0, le=3)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_clipping: float = Field(0.1, ge=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+
+
+class CheckpointSection(StrictModel):
+    every_steps: int = Field(500, gt=0)
+    num_to_keep: int = Field(2, gt=0)
+    storage_path: str = "~/dinor1_runs"
+    name: str | None = None  # Ray run name (default: the MLflow run name)
+    max_failures: int = Field(0, ge=-1)
+
+
+class MLflowSection(StrictModel):
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite in storage_path
+    experiment: str = "dinor1"
+    run_name: str | None = None
+    log_every_steps: int = Field(10, gt=0)
+    register_model: str | None = None
+
+
+class TrainConfig(StrictModel):
+    """The whole job: ``dinor1 train CONFIG.yaml key=value ...``."""
+
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    objectives: ObjectivesConfig = Field(default_factory=ObjectivesConfig)
+    grqo: GRQOConfig = Field(default_factory=GRQOConfig)
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    checkpointing: CheckpointSection = Field(default_factory=CheckpointSection)
+    mlflow: MLflowSection = Field(default_factory=MLflowSection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.data.train_shards is None:
+            raise ValueError("data.train_shards is required")
+        if (self.scaling.min_workers is None) != (self.scaling.max_workers is None):
+            raise ValueError("scaling.min_workers and scaling.max_workers go together")
+        if self.deepspeed.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError("deepspeed.precision fp16 needs scaling.use_gpu (use bf16 or fp32)")
+        return self
+
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -93,4 +213,23 @@ def validate(model: type[M], data: dict[str, Any], prefix: str = "") -> M:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        if not key:  # a whole-config check; its message names the keys
+            raise UserError(f"config: {msg.removeprefix('Value error, ')}") from None
         raise UserError(f"config key {key!r}: {msg}") from None
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """YAML file (optional) + overrides -> a validated :class:`TrainConfig`.
+
+    Job YAMLs may carry Ray runtime-environment keys at the top level (``working_dir``,
+    ``env_vars``, ``pip``, ...) so one file serves ``ray job submit --runtime-env``; those are
+    not part of the training config and are dropped here.
+    """
+    data = load_yaml(path) if path else {}
+    for key in RUNTIME_ENV_KEYS:
+        data.pop(key, None)
+    return validate(TrainConfig, apply_overrides(data, list(overrides)))
+
+
+RUNTIME_ENV_KEYS = ("working_dir", "py_modules", "env_vars", "pip", "uv", "conda", "excludes",
+                    "container", "image_uri", "py_executable", "config", "nsight")

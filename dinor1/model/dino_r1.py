@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
 from transformers.models.grounding_dino.modeling_grounding_dino import (
@@ -327,7 +327,7 @@ class DinoR1(nn.Module):
         payload = {"architecture": "dinor1", "dino_r1": asdict(self.settings),
                    "grounding_dino": self.config.to_dict()}
         (directory / CONFIG_NAME).write_text(json.dumps(payload, indent=1))
-        save_model(self, str(directory / WEIGHTS_NAME))
+        save_weights(self, directory / WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, settings: DinoR1Settings | None = None
@@ -343,13 +343,39 @@ class DinoR1(nn.Module):
             if payload.get("architecture") == "dinor1":
                 model = cls(GroundingDinoConfig.from_dict(payload["grounding_dino"]),
                             DinoR1Settings(**payload["dino_r1"]))
-                missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
-                if unexpected or [k for k in missing if "bbox_embed" not in k]:
-                    raise ValueError(f"{path / WEIGHTS_NAME}: weights do not match the config "
-                                     f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+                load_weights(model, path / WEIGHTS_NAME)
                 return model
         pretrained = GroundingDinoForObjectDetection.from_pretrained(name_or_path)
         model = cls(pretrained.config, settings)
         model.gdino = pretrained
         model._freeze_unused()
         return model
+
+
+def save_weights(module: nn.Module, path: str | Path) -> None:
+    """A module's weights as safetensors: tied tensors stored once (their other names in the
+    metadata), each copied out of any flat buffer an optimiser (e.g. DeepSpeed) put it in."""
+    tensors, aliases, seen = {}, {}, {}
+    for name, tensor in module.state_dict().items():
+        key = (tensor.data_ptr(), tensor.shape, tensor.stride()) if tensor.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
+    save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
+
+
+def load_weights(module: nn.Module, path: str | Path) -> None:
+    """Inverse of :func:`save_weights`; every tensor of the module must be present."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    state = load_file(str(path))
+    state.update({name: state[source] for name, source in aliases.items()})
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the model (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")

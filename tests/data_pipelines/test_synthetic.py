@@ -1,16 +1,20 @@
-"""The synthetic dataset: valid COCO, open-set splits, deterministic, not trivial."""
+"""The synthetic dataset: valid COCO, open-set splits, deterministic, cached, not trivial."""
 
+import dataclasses
 import json
 
-import numpy as np
 import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from data_pipelines.synthetic import SyntheticConfig, category_table, generate_synthetic_coco
+from data_pipelines.synthetic import (
+    MIN_PIXELS,
+    SyntheticConfig,
+    category_table,
+    generate_synthetic_coco,
+)
 
-SMALL = SyntheticConfig(image_size=96, num_train=30, num_val=20, num_support=16,
-                        num_categories=8, num_novel=2, seed=1)
+SMALL = SyntheticConfig(seed=1, image_size=96, num_train=30, num_val=24, num_support=16)
 
 
 @pytest.fixture(scope="module")
@@ -19,29 +23,49 @@ def dataset(tmp_path_factory):
     return out, generate_synthetic_coco(out, SMALL)
 
 
-def test_valid_coco_with_boxes_inside_images(dataset):
+def _load(paths):
+    return {split: json.loads(path.read_text()) for split, path in paths.items()}
+
+
+def test_layout_and_valid_coco(dataset):
     out, paths = dataset
+    assert set(paths) == {"train", "val", "support"}
+    counts = {"train": 30, "val": 24, "support": 16}
     for split, path in paths.items():
+        assert path == out / "annotations" / f"instances_{split}.json"
         coco = COCO(str(path))
-        assert coco.getImgIds() and coco.getAnnIds()
+        assert sorted(coco.getImgIds()) == list(range(1, counts[split] + 1))
+        assert len(set(coco.getAnnIds())) == len(coco.dataset["annotations"]) > 0
+        assert "dinor1 synthetic" in coco.dataset["info"]["description"]
+        assert coco.dataset["info"]["config"] == dataclasses.asdict(SMALL)
         for image in coco.loadImgs(coco.getImgIds()):
+            assert image["file_name"] == f"{image['id']:012d}.png"
             with Image.open(out / "images" / split / image["file_name"]) as img:
                 assert img.size == (image["width"], image["height"]) == (96, 96)
+                assert img.mode == "RGB"
         for ann in coco.loadAnns(coco.getAnnIds()):
             x, y, w, h = ann["bbox"]
+            assert all(isinstance(v, float) for v in ann["bbox"])
             assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= 96 and y + h <= 96
-            assert 0 < ann["area"] <= w * h
+            assert isinstance(ann["area"], float) and MIN_PIXELS <= ann["area"] <= w * h
+            assert ann["iscrowd"] == 0
+        assert [c["id"] for c in coco.dataset["categories"]] == list(range(1, 9))
 
 
 def test_open_set_splits(dataset):
     _, paths = dataset
-    load = {s: json.loads(p.read_text()) for s, p in paths.items()}
-    novel = {c["id"] for c in load["train"]["categories"] if c["novel"]}
-    assert novel == {7, 8}
-    used = {s: {a["category_id"] for a in d["annotations"]} for s, d in load.items()}
-    assert not used["train"] & novel
+    data = _load(paths)
+    novel = {c["id"] for c in data["train"]["categories"] if c["novel"]}
+    assert novel == {7, 8}  # the last num_novel categories
+    used = {split: {a["category_id"] for a in d["annotations"]} for split, d in data.items()}
+    assert used["train"] and not used["train"] & novel
     assert used["val"] & novel
     assert used["support"] == set(range(1, 9))
+    # support image i holds category i % num_categories, so it can serve "N shots per class"
+    for image in data["support"]["images"]:
+        cats = {a["category_id"] for a in data["support"]["annotations"]
+                if a["image_id"] == image["id"]}
+        assert (image["id"] - 1) % 8 + 1 in cats
 
 
 def test_deterministic_for_any_worker_count(tmp_path, dataset):
@@ -49,52 +73,88 @@ def test_deterministic_for_any_worker_count(tmp_path, dataset):
     again = generate_synthetic_coco(tmp_path / "b", SMALL, num_workers=2)
     for split in paths:
         assert paths[split].read_text() == again[split].read_text()
-    first = sorted((out / "images" / "train").iterdir())[:5]
-    for f in first:
-        assert f.read_bytes() == (tmp_path / "b" / "images" / "train" / f.name).read_bytes()
-    other = generate_synthetic_coco(tmp_path / "c", SyntheticConfig(**{
-        **SMALL.__dict__, "seed": 2, "num_val": 1, "num_support": 1}))
-    assert other["train"].read_text() != paths["train"].read_text()
+        for image in sorted((out / "images" / split).iterdir()):
+            other = tmp_path / "b" / "images" / split / image.name
+            assert image.read_bytes() == other.read_bytes()
+    reseeded = dataclasses.replace(SMALL, seed=2, num_train=4, num_val=0, num_support=0)
+    generate_synthetic_coco(tmp_path / "c", reseeded)
+    for name in ("000000000001.png", "000000000002.png"):
+        assert ((out / "images" / "train" / name).read_bytes()
+                != (tmp_path / "c" / "images" / "train" / name).read_bytes())
+
+
+def test_same_config_is_reused_and_a_new_one_regenerates(tmp_path):
+    config = dataclasses.replace(SMALL, num_train=6, num_val=2, num_support=2)
+    paths = generate_synthetic_coco(tmp_path, config)
+    stamp = {split: path.stat().st_mtime_ns for split, path in paths.items()}
+    assert generate_synthetic_coco(tmp_path, config) == paths
+    assert {split: path.stat().st_mtime_ns for split, path in paths.items()} == stamp
+
+    smaller = dataclasses.replace(config, num_train=3, image_format="jpg")
+    paths = generate_synthetic_coco(tmp_path, smaller)
+    train = json.loads(paths["train"].read_text())
+    assert [im["file_name"] for im in train["images"]] == [f"{i:012d}.jpg" for i in (1, 2, 3)]
+    # the stale png images of the first run are gone: the folder matches the JSON again
+    assert sorted(p.name for p in (tmp_path / "images" / "train").iterdir()) == [
+        im["file_name"] for im in train["images"]]
+    with Image.open(tmp_path / "images" / "train" / "000000000001.jpg") as img:
+        assert img.format == "JPEG" and img.size == (96, 96)
 
 
 def test_scenes_are_not_trivial(dataset):
     _, paths = dataset
-    data = json.loads(paths["val"].read_text())
-    per_image: dict[int, list] = {}
-    for ann in data["annotations"]:
-        per_image.setdefault(ann["image_id"], []).append(ann)
+    anns = [a for d in _load(paths).values() for a in d["annotations"]]
+    per_image: dict[tuple, list] = {}
+    for split, d in _load(paths).items():
+        for a in d["annotations"]:
+            per_image.setdefault((split, a["image_id"]), []).append(a)
     counts = [len(v) for v in per_image.values()]
     assert min(counts) < max(counts)
     assert any(len({a["category_id"] for a in v}) > 1 for v in per_image.values())
 
-    def overlaps(a, b):
+    def iou(a, b):
         ax, ay, aw, ah = a["bbox"]
         bx, by, bw, bh = b["bbox"]
-        return min(ax + aw, bx + bw) > max(ax, bx) and min(ay + ah, by + bh) > max(ay, by)
+        inter = (max(0, min(ax + aw, bx + bw) - max(ax, bx))
+                 * max(0, min(ay + ah, by + bh) - max(ay, by)))
+        return inter / (aw * ah + bw * bh - inter)
 
-    assert any(overlaps(a, b) for v in per_image.values() for i, a in enumerate(v)
+    assert any(iou(a, b) > 0 for v in per_image.values() for i, a in enumerate(v)
                for b in v[i + 1:])
+    sides = [max(a["bbox"][2:]) for a in anns]
+    assert min(sides) < 0.2 * 96 < 0.3 * 96 < max(sides)  # small and large objects
+    # occluded objects keep a solid visible part, never a sliver of their box
+    assert min(a["area"] / (a["bbox"][2] * a["bbox"][3]) for a in anns) > 0.05
 
 
-def test_bad_config_names_the_field():
-    with pytest.raises(ValueError, match="num_novel"):
-        SyntheticConfig(num_categories=4, num_novel=4)
-    with pytest.raises(ValueError, match="image_format"):
-        SyntheticConfig(image_format="gif")
-    with pytest.raises(ValueError, match="min_objects"):
-        SyntheticConfig(min_objects=5, max_objects=2)
+@pytest.mark.parametrize("field, value", [
+    ("seed", -1), ("image_size", 16), ("num_train", -1), ("num_val", 1.5),
+    ("num_categories", 0), ("num_categories", 97), ("num_novel", 8), ("min_objects", 0),
+    ("max_objects", 0), ("min_scale", 0.0), ("max_scale", 0.05), ("max_scale", 1.5),
+    ("max_overlap_iou", -0.1), ("num_distractors", -1), ("image_format", "gif"),
+])
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"SyntheticConfig\.{field}="):
+        SyntheticConfig(**{field: value})
 
 
-def test_category_table_has_unique_pairs():
-    names = [c["name"] for c in category_table(96)]
-    assert len(set(names)) == 96
+def test_category_table():
+    table = category_table(96)
+    assert [c["id"] for c in table] == list(range(1, 97))
+    assert len({(c["shape"], c["colour"]) for c in table}) == 96
+    assert all(c["name"] == f"{c['colour']} {c['shape']}" for c in table)
     first = category_table(8)
-    assert len({c["shape"] for c in first}) == 8 and len({c["colour"] for c in first}) == 8
+    assert first == table[:8] and first[0]["name"] == "red circle"
+    assert len({c["shape"] for c in first}) == len({c["colour"] for c in first}) == 8
+    assert len(category_table(48)) == 48
+    with pytest.raises(ValueError):
+        category_table(97)
 
 
-def test_objects_stay_visible(dataset):
-    """Occluded objects keep >= 30% of their pixels: area is never a sliver of the box."""
-    _, paths = dataset
-    data = json.loads(paths["train"].read_text())
-    ratios = np.array([a["area"] / (a["bbox"][2] * a["bbox"][3]) for a in data["annotations"]])
-    assert ratios.min() > 0.05
+def test_many_categories_and_crowded_scenes(tmp_path):
+    config = SyntheticConfig(image_size=64, num_train=4, num_val=4, num_support=48,
+                             num_categories=48, num_novel=10, min_objects=8, max_objects=12,
+                             min_scale=0.1, max_scale=0.5, max_overlap_iou=0.0)
+    data = _load(generate_synthetic_coco(tmp_path, config))
+    assert {a["category_id"] for a in data["support"]["annotations"]} == set(range(1, 49))
+    assert max(a["category_id"] for a in data["train"]["annotations"]) <= 38

@@ -1,0 +1,123 @@
+"""The driver side of ``dinor1 train``: config -> datasets, MLflow run, TorchTrainer.fit()."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from dinor1.config import TrainConfig
+from dinor1.errors import UserError
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def resolve_paths(cfg: TrainConfig) -> tuple[Path, str, str]:
+    """(run folder, Ray run name, MLflow tracking URI)."""
+    if "://" in cfg.checkpointing.storage_path:
+        raise UserError("checkpointing.storage_path must be a local or shared (NFS) folder for "
+                        "now; object-store storage paths are not supported yet")
+    storage = Path(os.path.expanduser(cfg.checkpointing.storage_path)).resolve()
+    name = cfg.checkpointing.name or cfg.mlflow.run_name or "dinor1"
+    uri = (cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+           or f"sqlite:///{storage / 'mlflow.db'}")
+    return storage, name, uri
+
+
+def mlflow_run(cfg: TrainConfig, storage: Path, name: str, uri: str) -> str:
+    """Create (or, for a resumed run folder, reuse) the MLflow run; returns its id."""
+    import mlflow
+
+    import dinor1
+    from dinor1.train.tracking import flatten
+
+    run_file = storage / name / "mlflow_run_id"
+    client = mlflow.MlflowClient(uri)
+    if run_file.exists():
+        return run_file.read_text().strip()
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if experiment is None:
+        artifacts = (storage / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
+        experiment_id = client.create_experiment(cfg.mlflow.experiment,
+                                                 artifact_location=artifacts)
+    else:
+        experiment_id = experiment.experiment_id
+    import ray
+    import torch
+
+    run = client.create_run(experiment_id, run_name=cfg.mlflow.run_name or name, tags={
+        "git_commit": _git_commit(), "dinor1": dinor1.__version__, "torch": torch.__version__,
+        "ray": ray.__version__, "python": sys.version.split()[0]})
+    params = flatten(cfg.model_dump(mode="json"))
+    items = list(params.items())
+    from mlflow.entities import Param
+
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+    config_file = storage / name / "resolved_config.yaml"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    client.log_artifact(run.info.run_id, str(config_file))
+    run_file.write_text(run.info.run_id)
+    return run.info.run_id
+
+
+def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
+    """Start (or resume) the job; returns Ray Train's Result."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dinor1.data.pipeline import detection_dataset, open_shard_set
+    from dinor1.train.loop import train_loop_per_worker
+
+    print("resolved config:\n" + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
+          file=sys.stderr)
+    shards = open_shard_set(cfg.data.train_shards)  # fails early on a missing shard folder
+    storage, name, uri = resolve_paths(cfg)
+    storage.mkdir(parents=True, exist_ok=True)
+    run_id = mlflow_run(cfg, storage, name, uri)
+    if not ray.is_initialized():
+        ray.init(address=ray_address, configure_logging=False)
+    sc = cfg.scaling
+    workers = (sc.min_workers, sc.max_workers) if sc.min_workers else sc.num_workers
+    per_epoch = None
+    if shards.manifest:
+        per_epoch = shards.manifest["num_samples"] // (cfg.data.batch_size * sc.num_workers)
+    if cfg.stages.max_steps_per_epoch:
+        per_epoch = min(per_epoch or cfg.stages.max_steps_per_epoch,
+                        cfg.stages.max_steps_per_epoch)
+    epochs = cfg.stages.sft_epochs + cfg.stages.grqo_epochs
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "tracking_uri": uri,
+            "total_steps": per_epoch * epochs if per_epoch else None,
+            "final_model_dir": str(storage / name / "final_model"),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=sc.use_gpu, placement_strategy=sc.placement_strategy,
+            resources_per_worker={"CPU": sc.cpus_per_worker,
+                                  **({"GPU": sc.gpus_per_worker or 1} if sc.use_gpu else {})}),
+        datasets={"train": detection_dataset(shards, cfg.data, train=True)},
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name, storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpointing.num_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.checkpointing.max_failures)),
+    )
+    result = trainer.fit()
+    print(f"[train] MLflow run {run_id} at {uri}; checkpoints in {storage / name}",
+          file=sys.stderr)
+    return result

@@ -1,0 +1,176 @@
+"""The per-worker training function run by Ray Train's ``TorchTrainer`` (one per worker).
+
+Stages: ``sft`` epochs then ``grqo`` epochs ("1+5"). Every step is deterministic given
+(seed, rank, step): the prompt/CDN generator and torch's global RNG are re-seeded from them, so a
+resumed run needs no saved RNG state. Checkpoints are DeepSpeed checkpoint folders (every rank
+writes its shard) plus the reference model, reported with ``ray.train.report`` and restored from
+``ray.train.get_checkpoint()``. Rank 0 logs to MLflow into the run the driver created.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_TAG = "ds"
+STATE_NAME = "trainer_state.json"
+REFERENCE_NAME = "reference.safetensors"
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 1_000_003 + rank * 7919 + step) % (2**63 - 1)
+
+
+def _objective_settings(cfg):
+    from dinor1.objectives.step import ObjectiveSettings
+
+    o, g = cfg.objectives, cfg.grqo
+    return ObjectiveSettings(
+        class_weight=o.class_weight, bbox_weight=o.bbox_weight, giou_weight=o.giou_weight,
+        denoising=o.denoising, encoder_loss=o.encoder_loss,
+        exemplars_per_class=cfg.prompts.exemplars_per_class, grqo_form=g.form,
+        grqo_alpha=g.alpha, grqo_beta=g.beta, grqo_num_mute=g.num_mute)
+
+
+def _build_model(cfg):
+    from dinor1.model.dino_r1 import DinoR1, DinoR1Settings
+    from dinor1.model.presets import PRESETS, preset_config
+
+    settings = DinoR1Settings(num_dn_queries=cfg.model.num_dn_queries)
+    ffn = cfg.model.prompt_encoder_ffn_dim
+    if ffn is None and cfg.model.init in PRESETS:
+        ffn = preset_config(cfg.model.init).encoder_ffn_dim
+    if ffn is not None:
+        settings.prompt_encoder_ffn_dim = ffn
+    return DinoR1.from_pretrained(cfg.model.init, settings)
+
+
+def _empty_loss(engine) -> torch.Tensor:
+    """A zero loss touching every parameter: keeps the workers' collectives in lock step when
+    one of them drew a batch whose samples were all corrupt."""
+    return sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import deepspeed
+    import ray.train
+
+    from dinor1.config import TrainConfig
+    from dinor1.data.pipeline import iter_detection_batches
+    from dinor1.model.dino_r1 import load_weights, save_weights
+    from dinor1.objectives.reference import ReferenceModel
+    from dinor1.objectives.step import training_losses
+    from dinor1.train.optim import deepspeed_config, lr_factor, parameter_groups, set_lr
+    from dinor1.train.tracking import RankZeroTracker
+
+    cfg = TrainConfig.model_validate(config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # avoid a slow JIT build
+    model = _build_model(cfg)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.optimizer.lr,
+                                  betas=cfg.optimizer.betas)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   config=deepspeed_config(cfg))
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    stages = ["sft"] * cfg.stages.sft_epochs + ["grqo"] * cfg.stages.grqo_epochs
+    state = {"step": 0, "epoch": 0, "skipped_samples": 0}
+    reference = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+            state = json.loads((Path(folder) / STATE_NAME).read_text())
+            if (Path(folder) / REFERENCE_NAME).exists():
+                reference = ReferenceModel(engine, cfg.grqo.ref_refresh)
+                load_weights(reference.model, Path(folder) / REFERENCE_NAME)
+                reference.last_refresh_step = state.get("reference_refresh_step", 0)
+    tracker = RankZeroTracker(config, rank, world)
+    objective = _objective_settings(cfg)
+    shard = ray.train.get_dataset_shard("train")
+
+    def save(metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            engine.save_checkpoint(folder, tag=CHECKPOINT_TAG)
+            if rank == 0:
+                payload = dict(state, mlflow_run_id=config.get("mlflow_run_id"))
+                if reference is not None:
+                    save_weights(reference.model, Path(folder) / REFERENCE_NAME)
+                    payload["reference_refresh_step"] = reference.last_refresh_step
+                (Path(folder) / STATE_NAME).write_text(json.dumps(payload))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    metrics: dict[str, float] = {}
+    start_epoch = state["epoch"]
+    for epoch in range(start_epoch, len(stages)):
+        stage = stages[epoch]
+        if stage == "grqo":
+            if reference is None:
+                reference = ReferenceModel(engine, cfg.grqo.ref_refresh)
+                reference.last_refresh_step = state["step"]
+            elif epoch != start_epoch and reference.should_refresh(state["step"], new_epoch=True):
+                reference.refresh(engine, state["step"])
+        engine.train()
+        # resuming mid-epoch: skip the batches of this epoch already trained on (approximate:
+        # Ray's streaming split may hand a worker different blocks than last time)
+        skip = state.pop("steps_in_epoch", 0) if epoch == start_epoch else 0
+        steps_this_epoch = skip
+        batches = iter_detection_batches(shard, cfg.data, train=True, epoch=epoch)
+        wait_start = time.perf_counter()
+        wait_total = compute_total = 0.0
+        for batch in batches:
+            if skip:
+                skip -= 1
+                wait_start = time.perf_counter()
+                continue
+            got_batch = time.perf_counter()
+            step = state["step"]
+            generator = torch.Generator().manual_seed(_step_seed(cfg.seed, rank, step))
+            torch.manual_seed(_step_seed(cfg.seed, rank, step))
+            if (reference is not None and stage == "grqo"
+                    and reference.kind == "steps" and reference.should_refresh(step, False)):
+                reference.refresh(engine, step)
+            set_lr(optimizer, base_lrs, lr_factor(step, epoch, cfg))
+            state["skipped_samples"] += int(batch["num_skipped"])
+            if len(batch["image_ids"]) == 0:
+                loss, logs = _empty_loss(engine), {}
+            else:
+                loss, logs = training_losses(engine, batch, stage=stage, settings=objective,
+                                             reference=reference if stage == "grqo" else None,
+                                             generator=generator)
+            engine.backward(loss)
+            engine.step()
+            state["step"] = step = step + 1
+            steps_this_epoch += 1
+            done = time.perf_counter()
+            wait_total += got_batch - wait_start
+            compute_total += done - got_batch
+            metrics = {
+                **logs, "train/epoch": float(epoch), "train/stage_grqo": float(stage == "grqo"),
+                "train/lr": optimizer.param_groups[-1]["lr"],
+                "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "train/samples_per_s": len(batch["image_ids"]) * world / (done - wait_start),
+                "train/step_seconds": done - wait_start,
+                "train/data_wait_fraction": wait_total / max(wait_total + compute_total, 1e-9),
+                "data/skipped_samples": float(state["skipped_samples"]),
+            }
+            if reference is not None and stage == "grqo":
+                metrics.update(reference.stats())
+            tracker.log(metrics, step, epoch=epoch, stage=stage)
+            if step % cfg.checkpointing.every_steps == 0:
+                state["steps_in_epoch"] = steps_this_epoch
+                save({k: v for k, v in metrics.items() if k.startswith(("loss/total", "train/"))})
+                state.pop("steps_in_epoch")
+            wait_start = time.perf_counter()
+            if cfg.stages.max_steps_per_epoch and steps_this_epoch >= cfg.stages.max_steps_per_epoch:
+                break
+        state["epoch"] = epoch + 1
+    save({k: v for k, v in metrics.items() if k.startswith(("loss/total", "train/"))})
+    if rank == 0:
+        tracker.finish(engine.module, cfg)
+    torch.distributed.barrier()
