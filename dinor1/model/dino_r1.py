@@ -320,14 +320,16 @@ class DinoR1(nn.Module):
         return hidden, starts
 
     # ------------------------------------------------------------------------- save / load
-    def save_pretrained(self, directory: str | Path) -> None:
-        """``config.json`` + ``model.safetensors`` (no pickle)."""
+    def save_pretrained(self, directory: str | Path,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """``config.json`` + ``model.safetensors`` (no pickle). ``state_dict`` overrides the
+        module's own tensors (e.g. a full copy gathered from ZeRO-3 partitions)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         payload = {"architecture": "dinor1", "dino_r1": asdict(self.settings),
                    "grounding_dino": self.config.to_dict()}
         (directory / CONFIG_NAME).write_text(json.dumps(payload, indent=1))
-        save_weights(self, directory / WEIGHTS_NAME)
+        save_weights(self, directory / WEIGHTS_NAME, state_dict)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, settings: DinoR1Settings | None = None
@@ -352,11 +354,12 @@ class DinoR1(nn.Module):
         return model
 
 
-def save_weights(module: nn.Module, path: str | Path) -> None:
+def save_weights(module: nn.Module, path: str | Path,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """A module's weights as safetensors: tied tensors stored once (their other names in the
     metadata), each copied out of any flat buffer an optimiser (e.g. DeepSpeed) put it in."""
     tensors, aliases, seen = {}, {}, {}
-    for name, tensor in module.state_dict().items():
+    for name, tensor in (state_dict if state_dict is not None else module.state_dict()).items():
         key = (tensor.data_ptr(), tensor.shape, tensor.stride()) if tensor.numel() else None
         if key is not None and key in seen:
             aliases[name] = seen[key]

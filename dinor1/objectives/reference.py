@@ -34,8 +34,9 @@ def parse_refresh(spec: str) -> tuple[str, int]:
 
 
 def unwrap(policy: nn.Module) -> nn.Module:
-    """The plain module inside a DeepSpeed engine (or the module itself)."""
-    return getattr(policy, "module", policy)
+    """The model inside a DeepSpeed engine and/or a training wrapper (or the model itself)."""
+    module = getattr(policy, "module", policy)
+    return getattr(module, "net", module)
 
 
 def full_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from dinor1.model.denoising import build_denoising_queries
 from dinor1.model.prompts import assemble_training_prompts
@@ -57,6 +58,34 @@ def pad_targets(labels: list[torch.Tensor], boxes: list[torch.Tensor]):
         gt_labels[b, : len(lab)] = lab
         gt_boxes[b, : len(box)] = box
     return gt_labels, gt_boxes, gt_labels >= 0
+
+
+class TrainingObjective(nn.Module):
+    """The model plus its training objective as ONE module, so that a DeepSpeed engine's single
+    forward call covers the whole step.
+
+    ZeRO-3 gathers a module's partitioned parameters only while that module's forward runs; the
+    step also reads a few parameters directly (level embeddings, decoder query embeddings, the
+    prompt encoder's content query), which are registered here as external parameters of this
+    module so they are gathered for the whole step.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self._registered = False
+
+    def register_for_zero3(self) -> None:
+        import deepspeed
+
+        core = self.net.gdino.model
+        for param in (core.level_embed, core.query_position_embeddings.weight,
+                      self.net.prompt_encoder.content.weight):
+            deepspeed.zero.register_external_parameter(self, param)
+        self._registered = True
+
+    def forward(self, batch: dict[str, torch.Tensor], **kwargs):
+        return training_losses(self.net, batch, **kwargs)
 
 
 def training_losses(model, batch: dict[str, torch.Tensor], *, stage: str = "sft",

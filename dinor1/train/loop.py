@@ -62,8 +62,8 @@ def train_loop_per_worker(config: dict) -> None:
     from dinor1.config import TrainConfig
     from dinor1.data.pipeline import iter_detection_batches
     from dinor1.model.dino_r1 import load_weights, save_weights
-    from dinor1.objectives.reference import ReferenceModel
-    from dinor1.objectives.step import training_losses
+    from dinor1.objectives.reference import ReferenceModel, full_state_dict, unwrap
+    from dinor1.objectives.step import TrainingObjective
     from dinor1.train.optim import deepspeed_config, lr_factor, parameter_groups, set_lr
     from dinor1.train.tracking import RankZeroTracker
 
@@ -75,8 +75,11 @@ def train_loop_per_worker(config: dict) -> None:
     model = _build_model(cfg)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.optimizer.lr,
                                   betas=cfg.optimizer.betas)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+    wrapped = TrainingObjective(model)
+    engine, optimizer, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer,
                                                    config=deepspeed_config(cfg))
+    if cfg.deepspeed.zero_stage == 3:
+        wrapped.register_for_zero3()
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     stages = ["sft"] * cfg.stages.sft_epochs + ["grqo"] * cfg.stages.grqo_epochs
     state = {"step": 0, "epoch": 0, "skipped_samples": 0}
@@ -140,9 +143,9 @@ def train_loop_per_worker(config: dict) -> None:
             if len(batch["image_ids"]) == 0:
                 loss, logs = _empty_loss(engine), {}
             else:
-                loss, logs = training_losses(engine, batch, stage=stage, settings=objective,
-                                             reference=reference if stage == "grqo" else None,
-                                             generator=generator)
+                loss, logs = engine(batch, stage=stage, settings=objective,
+                                    reference=reference if stage == "grqo" else None,
+                                    generator=generator)
             engine.backward(loss)
             engine.step()
             state["step"] = step = step + 1
@@ -171,6 +174,7 @@ def train_loop_per_worker(config: dict) -> None:
                 break
         state["epoch"] = epoch + 1
     save({k: v for k, v in metrics.items() if k.startswith(("loss/total", "train/"))})
+    weights = full_state_dict(engine)  # collective under ZeRO-3: every rank takes part
     if rank == 0:
-        tracker.finish(engine.module, cfg)
+        tracker.finish(unwrap(engine), weights)
     torch.distributed.barrier()

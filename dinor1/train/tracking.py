@@ -59,10 +59,10 @@ class RankZeroTracker:
             self.client.log_batch(self.run_id, metrics=[
                 Metric(k, float(v), now, step) for k, v in metrics.items()])
 
-    def finish(self, module, cfg) -> None:
+    def finish(self, module, state_dict) -> None:
         """Export the final weights (``from_pretrained`` directory) and log them."""
         target = Path(self.final_dir) if self.final_dir else Path(tempfile.mkdtemp())
-        module.save_pretrained(target)
+        module.save_pretrained(target, state_dict)
         print(f"[train] final weights: {target}", file=sys.stderr, flush=True)
         if self.enabled:
             self.client.log_artifacts(self.run_id, str(target), "final_model")
