@@ -84,6 +84,10 @@ def _add_bench_commands(sub) -> None:
     model.add_argument("--batch-size", type=int, default=4)
     model.add_argument("--image-size", type=int, default=128)
     model.add_argument("--steps", type=int, default=20)
+    steps = bsub.add_parser("train", help="SFT vs GRQO step time and data-wait fraction, one run")
+    steps.add_argument("--steps", type=int, default=40, help="steps per stage")
+    steps.add_argument("--work-dir", default=None)
+    steps.add_argument("overrides", nargs="*", metavar="key=value")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,10 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="validate and print the resolved config, then exit")
     demo = sub.add_parser(
         "demo",
-        help="the embedded default end to end (currently: data -> shards -> Ray Data batches)",
+        help="the embedded default end to end: synthetic data -> shards -> SFT then GRQO "
+        "(2 DeepSpeed workers on a local Ray) -> MLflow",
     )
     demo.add_argument("--out", default="demo_output")
     demo.add_argument("--num-train", type=int, default=2000)
+    demo.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="overrides of jobs/demo.yaml, e.g. stages.max_steps_per_epoch=20")
     return parser
 
 
@@ -153,6 +160,12 @@ def cmd_data(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.bench_command == "train":
+        from dinor1.bench.train_steps import run_train_benchmark
+
+        run_train_benchmark(steps=args.steps, work_dir=args.work_dir,
+                            overrides=tuple(args.overrides))
+        return 0
     if args.bench_command == "model":
         from dinor1.bench.model_step import run_model_benchmark
 
@@ -189,9 +202,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from dinor1.data.prepare import data_demo
+    from dinor1.data.prepare import demo
 
-    data_demo(args.out, num_train=args.num_train)
+    demo(args.out, num_train=args.num_train, overrides=tuple(args.overrides))
     return 0
 
 

@@ -155,7 +155,7 @@ def train_loop_per_worker(config: dict) -> None:
             compute_total += done - got_batch
             metrics = {
                 **logs, "train/epoch": float(epoch), "train/stage_grqo": float(stage == "grqo"),
-                "train/lr": optimizer.param_groups[-1]["lr"],
+                "train/lr": optimizer.param_groups[0]["lr"],  # the head group (backbone: x0.1)
                 "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
                 "train/samples_per_s": len(batch["image_ids"]) * world / (done - wait_start),
                 "train/step_seconds": done - wait_start,
