@@ -49,6 +49,11 @@ def _build_model(cfg):
     return DinoR1.from_pretrained(cfg.model.init, settings)
 
 
+def weight_checksum(state_dict: dict[str, torch.Tensor]) -> float:
+    """Sum of every floating-point weight in float64: equal weights give equal checksums."""
+    return float(sum(v.double().sum() for v in state_dict.values() if v.is_floating_point()))
+
+
 def _empty_loss(engine) -> torch.Tensor:
     """A zero loss touching every parameter: keeps the workers' collectives in lock step when
     one of them drew a batch whose samples were all corrupt."""
@@ -94,6 +99,10 @@ def train_loop_per_worker(config: dict) -> None:
                 load_weights(reference.model, Path(folder) / REFERENCE_NAME)
                 reference.last_refresh_step = state.get("reference_refresh_step", 0)
     tracker = RankZeroTracker(config, rank, world)
+    if checkpoint is not None:  # lets a user (and the tests) check what was restored
+        restored = weight_checksum(full_state_dict(engine))
+        tracker.log_now({"resume/step": float(state["step"]),
+                         "resume/weight_checksum": restored}, state["step"])
     objective = _objective_settings(cfg)
     shard = ray.train.get_dataset_shard("train")
 

@@ -52,6 +52,10 @@ class RankZeroTracker:
         print(f"[train] step {step}{f'/{self.total_steps}' if self.total_steps else ''} "
               f"epoch {epoch} {stage} loss {metrics.get('loss/total', float('nan')):.4f} "
               f"{metrics.get('train/samples_per_s', 0):.1f} samples/s{eta}", flush=True)
+        self.log_now(metrics, step)
+
+    def log_now(self, metrics: dict[str, float], step: int) -> None:
+        """Log regardless of the logging interval (rank 0 only)."""
         if self.enabled:
             from mlflow.entities import Metric
 

@@ -84,6 +84,37 @@ def test_zero3_grqo_step_with_reference(ray_cluster, shards, tmp_path):
     assert all(p.numel() > 0 for p in exported.parameters())
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_resume_restores_state_into_the_same_mlflow_run(ray_cluster, shards, tmp_path):
+    """Run 1: SFT only, ends with a checkpoint. Run 2 (same run folder, one more GRQO epoch):
+    Ray Train restores the checkpoint; the weights equal the saved ones, the step count goes
+    on from there and the metrics land in the same MLflow run."""
+    from dinor1.train.launch import run_training
+    from dinor1.train.loop import weight_checksum
+
+    common = [f"data.train_shards={shards}", "data.train_short_sides=[96]",
+              "data.train_max_size=96", "stages.max_steps_per_epoch=3",
+              f"checkpointing.storage_path={tmp_path}", "mlflow.log_every_steps=1"]
+    job = ROOT / "jobs" / "demo.yaml"
+    assert run_training(load_train_config(job, [*common, "stages.grqo_epochs=0"])).error is None
+    run_id = (tmp_path / "demo" / "mlflow_run_id").read_text().strip()
+    saved = DinoR1.from_pretrained(str(tmp_path / "demo" / "final_model"))
+    saved_checksum = weight_checksum(saved.state_dict())
+
+    result = run_training(load_train_config(job, [*common, "stages.grqo_epochs=1"]))
+    assert result.error is None
+    assert (tmp_path / "demo" / "mlflow_run_id").read_text().strip() == run_id
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    resumed = client.get_metric_history(run_id, "resume/weight_checksum")
+    assert len(resumed) == 1 and resumed[0].step == 3
+    assert resumed[0].value == pytest.approx(saved_checksum, rel=1e-9)
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "loss/total"))
+    assert steps == [1, 2, 3, 4, 5, 6]  # SFT 1-3 in run 1, GRQO 4-6 after the restore
+    grqo = client.get_metric_history(run_id, "loss/grqo")
+    assert sorted(m.step for m in grqo) == [4, 5, 6]
+
+
 @pytest.mark.parametrize("override, message", [
     ("deepspeed.zero_stag=3", "'deepspeed.zero_stag': unknown key"),
     ("data.batch_size=four", "'data.batch_size'"),
