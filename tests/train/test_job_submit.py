@@ -1,0 +1,132 @@
+"""`ray job submit` of jobs/demo.yaml to a real Ray head on 127.0.0.1, tracked by a real
+`mlflow server` on 127.0.0.1. Everything started here is stopped here, by PID."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from data_pipelines.converters import load_coco
+from data_pipelines.shard_writer import write_shards
+from data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
+
+ROOT = Path(__file__).parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_http(url: str, seconds: float = 60) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def _env() -> dict:
+    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
+                MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+
+
+def _pids_under(temp_dir: Path) -> list[int]:
+    """Processes of the Ray head started with this temp dir (every Ray process names it)."""
+    out = subprocess.run(["pgrep", "-f", str(temp_dir)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split() if int(p) != os.getpid()]
+
+
+@pytest.fixture
+def ray_head():
+    # a short path of its own: Ray puts unix sockets under it (108-byte limit) and every Ray
+    # process of this head names it, which is how the fixture finds the PIDs to stop
+    temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
+    port, dashboard = _port(), _port()
+    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
+                    "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port",
+                    str(dashboard), "--dashboard-agent-listen-port", str(_port()),
+                    "--num-cpus", "4", "--temp-dir", str(temp_dir),
+                    "--include-dashboard", "true", "--disable-usage-stats"],
+                   env=_env(), check=True, capture_output=True, timeout=120)
+    try:
+        _wait_http(f"http://127.0.0.1:{dashboard}/api/version")
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        for pid in _pids_under(temp_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _port()
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)  # the parent stops its workers
+        proc.wait(timeout=30)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_job_submit_demo_job(ray_head, mlflow_server, tmp_path):
+    ann = generate_synthetic_coco(tmp_path / "coco", SyntheticConfig(
+        image_size=96, num_train=80, num_val=1, num_support=1))["train"]
+    write_shards(load_coco(ann, tmp_path / "coco" / "images" / "train"), tmp_path / "shards",
+                 samples_per_shard=20, progress=False)
+    # the documented command (README "Running on a Ray cluster"), with small overrides
+    command = [
+        str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(ROOT),
+        "--submission-id", "dinor1-test-job", "--",
+        "dinor1", "train", "jobs/demo.yaml", f"data.train_shards={tmp_path / 'shards'}",
+        "data.train_short_sides=[96]", "data.train_max_size=96",
+        "stages.max_steps_per_epoch=2", f"checkpointing.storage_path={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri={mlflow_server}", "mlflow.log_every_steps=1",
+    ]
+    for _ in range(10):  # a fresh head's job agent takes a few seconds to register
+        proc = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=540,
+                              cwd=ROOT)
+        if "No available agent" not in proc.stderr:
+            break
+        time.sleep(3)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    assert JobSubmissionClient(ray_head).get_job_status("dinor1-test-job") == JobStatus.SUCCEEDED
+
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("dinor1-demo")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["scaling.num_workers"] == "2"
+    assert len(client.get_metric_history(run.info.run_id, "loss/total")) == 4
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "final_model" in artifacts
+    assert json.loads(json.dumps(run.data.tags))["world_size"] == "2"
