@@ -54,6 +54,29 @@ def weight_checksum(state_dict: dict[str, torch.Tensor]) -> float:
     return float(sum(v.double().sum() for v in state_dict.values() if v.is_floating_point()))
 
 
+def tensor_checksum(obj) -> float:
+    """float64 sum of every floating-point tensor inside nested dicts/lists (e.g. an optimiser
+    state dict), for checking that a restore brought back what was saved."""
+    if isinstance(obj, torch.Tensor):
+        return float(obj.double().sum()) if obj.is_floating_point() else 0.0
+    if isinstance(obj, dict):
+        return sum(tensor_checksum(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_checksum(v) for v in obj)
+    return 0.0
+
+
+def state_checksums(engine, reference) -> dict[str, float]:
+    """Weights (gathered: collective under ZeRO-3), this rank's optimiser state, reference."""
+    from dinor1.objectives.reference import full_state_dict
+
+    sums = {"weights": weight_checksum(full_state_dict(engine)),
+            "optimizer": tensor_checksum(engine.optimizer.state_dict())}
+    if reference is not None:
+        sums["reference"] = weight_checksum(reference.model.state_dict())
+    return sums
+
+
 def _empty_loss(engine) -> torch.Tensor:
     """A zero loss touching every parameter: keeps the workers' collectives in lock step when
     one of them drew a batch whose samples were all corrupt."""
@@ -100,9 +123,9 @@ def train_loop_per_worker(config: dict) -> None:
                 reference.last_refresh_step = state.get("reference_refresh_step", 0)
     tracker = RankZeroTracker(config, rank, world)
     if checkpoint is not None:  # lets a user (and the tests) check what was restored
-        restored = weight_checksum(full_state_dict(engine))
+        sums = state_checksums(engine, reference)
         tracker.log_now({"resume/step": float(state["step"]),
-                         "resume/weight_checksum": restored}, state["step"])
+                         **{f"resume/{k}_checksum": v for k, v in sums.items()}}, state["step"])
     objective = _objective_settings(cfg)
     shard = ray.train.get_dataset_shard("train")
 
@@ -115,6 +138,9 @@ def train_loop_per_worker(config: dict) -> None:
                     save_weights(reference.model, Path(folder) / REFERENCE_NAME)
                     payload["reference_refresh_step"] = reference.last_refresh_step
                 (Path(folder) / STATE_NAME).write_text(json.dumps(payload))
+            sums = state_checksums(engine, reference)
+            tracker.log_now({f"checkpoint/{k}_checksum": v for k, v in sums.items()},
+                            state["step"])
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     metrics: dict[str, float] = {}

@@ -41,6 +41,8 @@ class RankZeroTracker:
             mlflow.set_tracking_uri(config["tracking_uri"])
             self.client = mlflow.MlflowClient(config["tracking_uri"])
             self.client.set_tag(self.run_id, "world_size", str(world))
+            # the fluent run only drives MLflow's system-metrics sampler (CPU, memory, GPU)
+            mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
 
     def log(self, metrics: dict[str, float], step: int, *, epoch: int, stage: str) -> None:
         if self.rank != 0 or step % self.every:
@@ -69,4 +71,7 @@ class RankZeroTracker:
         module.save_pretrained(target, state_dict)
         print(f"[train] final weights: {target}", file=sys.stderr, flush=True)
         if self.enabled:
+            import mlflow
+
             self.client.log_artifacts(self.run_id, str(target), "final_model")
+            mlflow.end_run()

@@ -87,32 +87,40 @@ def test_zero3_grqo_step_with_reference(ray_cluster, shards, tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_resume_restores_state_into_the_same_mlflow_run(ray_cluster, shards, tmp_path):
-    """Run 1: SFT only, ends with a checkpoint. Run 2 (same run folder, one more GRQO epoch):
-    Ray Train restores the checkpoint; the weights equal the saved ones, the step count goes
-    on from there and the metrics land in the same MLflow run."""
+    """Run 1: SFT then GRQO, ending with a checkpoint. Run 2 (same run folder, one more GRQO
+    epoch): Ray Train restores that checkpoint; weights, optimiser state (rank 0's part) and
+    the reference model equal what was saved, the step count goes on, and the metrics land in
+    the same MLflow run."""
     from dinor1.train.launch import run_training
     from dinor1.train.loop import weight_checksum
 
     common = [f"data.train_shards={shards}", "data.train_short_sides=[96]",
-              "data.train_max_size=96", "stages.max_steps_per_epoch=3",
-              f"checkpointing.storage_path={tmp_path}", "mlflow.log_every_steps=1"]
+              "data.train_max_size=96", "stages.max_steps_per_epoch=2",
+              f"checkpointing.storage_path={tmp_path}", "mlflow.log_every_steps=1",
+              "checkpointing.every_steps=100"]
     job = ROOT / "jobs" / "demo.yaml"
-    assert run_training(load_train_config(job, [*common, "stages.grqo_epochs=0"])).error is None
+    assert run_training(load_train_config(job, [*common, "stages.grqo_epochs=1"])).error is None
     run_id = (tmp_path / "demo" / "mlflow_run_id").read_text().strip()
-    saved = DinoR1.from_pretrained(str(tmp_path / "demo" / "final_model"))
-    saved_checksum = weight_checksum(saved.state_dict())
+    exported = DinoR1.from_pretrained(str(tmp_path / "demo" / "final_model"))
 
-    result = run_training(load_train_config(job, [*common, "stages.grqo_epochs=1"]))
+    result = run_training(load_train_config(job, [*common, "stages.grqo_epochs=2"]))
     assert result.error is None
     assert (tmp_path / "demo" / "mlflow_run_id").read_text().strip() == run_id
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    resumed = client.get_metric_history(run_id, "resume/weight_checksum")
-    assert len(resumed) == 1 and resumed[0].step == 3
-    assert resumed[0].value == pytest.approx(saved_checksum, rel=1e-9)
+
+    def at_step_4(name):
+        values = [m.value for m in client.get_metric_history(run_id, name) if m.step == 4]
+        assert values, name
+        return values[0]
+
+    for part in ("weights", "optimizer", "reference"):
+        saved = at_step_4(f"checkpoint/{part}_checksum")
+        assert at_step_4(f"resume/{part}_checksum") == pytest.approx(saved, rel=1e-9), part
+    assert at_step_4("resume/weights_checksum") == pytest.approx(
+        weight_checksum(exported.state_dict()), rel=1e-9)
     steps = sorted(m.step for m in client.get_metric_history(run_id, "loss/total"))
-    assert steps == [1, 2, 3, 4, 5, 6]  # SFT 1-3 in run 1, GRQO 4-6 after the restore
-    grqo = client.get_metric_history(run_id, "loss/grqo")
-    assert sorted(m.step for m in grqo) == [4, 5, 6]
+    assert steps == [1, 2, 3, 4, 5, 6]  # SFT 1-2 and GRQO 3-4 in run 1, GRQO 5-6 after restore
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss/grqo")) == [3, 4, 5, 6]
 
 
 @pytest.mark.parametrize("override, message", [
