@@ -94,9 +94,11 @@ def test_output_depends_on_features_under_the_box(encoder):
     assert not torch.allclose(before[0], under[0])
     torch.testing.assert_close(before[1], under[1])  # other image untouched
     torch.testing.assert_close(before, far)
-    # padded pixels are never attended to
+    # padded pixels are never attended to, even by a box reaching past the unpadded image
+    edge = torch.tensor([[[0.2, 0.5, 0.2, 0.2], [0.95, 0.5, 0.3, 0.3]]] * 2)
     h, w = SHAPES[0]
-    torch.testing.assert_close(before, encoder(box, _level0(feats, 1, slice(w // 2, w)), **inputs))
+    torch.testing.assert_close(encoder(edge, feats, **inputs),
+                               encoder(edge, _level0(feats, 1, slice(w // 2, w)), **inputs))
 
 
 @torch.no_grad()
@@ -111,6 +113,25 @@ def test_box_is_scaled_by_valid_ratios(encoder):
     unscaled = encoder(box, _level0(feats, 1, slice(5, 7)), **inputs)
     assert not torch.allclose(before[1], scaled[1])
     torch.testing.assert_close(before, unscaled)
+
+
+@torch.no_grad()
+def test_reference_is_the_box_scaled_like_the_hf_decoder(encoder):
+    seen = {}
+    hook = encoder.cross_attn.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    try:
+        inputs = _features()
+        boxes = torch.tensor([[[0.4, 0.5, 0.2, 0.6]]] * 2)
+        encoder(boxes, **inputs)
+    finally:
+        hook.remove()
+    ratios = inputs["valid_ratios"]  # image 1: (w, h) = (0.5, 1) at both levels
+    expected = boxes[:, :, None] * torch.cat([ratios, ratios], -1)[:, None]  # GroundingDinoDecoder
+    assert seen["reference_points"].shape == (2, 1, len(SHAPES), 4)
+    torch.testing.assert_close(seen["reference_points"], expected)
+    torch.testing.assert_close(seen["reference_points"][1, 0, 0], torch.tensor([0.2, 0.5, 0.1, 0.6]))
+    assert torch.equal(seen["attention_mask"], ~inputs["feature_padding_mask"])  # True = valid
 
 
 def test_gradients_reach_every_parameter(encoder):
