@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dinor1.model.denoising import build_denoising_queries
-from dinor1.model.prompts import assemble_training_prompts
+from dinor1.model.prompts import assemble_training_prompts, pad_instances
 from dinor1.objectives.contrastive import VisualTextContrastive, mean_instance_embeddings
 from dinor1.objectives.detection import detection_loss, num_boxes_across_workers
 from dinor1.objectives.grqo import grqo_loss
@@ -50,14 +50,11 @@ class ObjectiveSettings:
 
 def pad_targets(labels: list[torch.Tensor], boxes: list[torch.Tensor]):
     """Per-image targets -> gt_labels [B, G] (-1 padding), gt_boxes [B, G, 4], gt_mask [B, G]."""
-    most = max([1] + [len(lab) for lab in labels])
-    device = boxes[0].device if boxes else "cpu"
-    gt_labels = torch.full((len(labels), most), -1, dtype=torch.long, device=device)
-    gt_boxes = torch.zeros(len(labels), most, 4, device=device)
-    for b, (lab, box) in enumerate(zip(labels, boxes)):
-        gt_labels[b, : len(lab)] = lab
-        gt_boxes[b, : len(box)] = box
-    return gt_labels, gt_boxes, gt_labels >= 0
+    gt_boxes, gt_mask = pad_instances(boxes)
+    gt_labels = torch.full(gt_mask.shape, -1, dtype=torch.long, device=gt_mask.device)
+    if labels:  # the mask's row-major order is image by image, as the concatenation
+        gt_labels[gt_mask] = torch.cat(labels).to(gt_mask.device)
+    return gt_labels, gt_boxes, gt_mask
 
 
 class TrainingObjective(nn.Module):
@@ -116,9 +113,11 @@ def training_losses(model, batch: dict[str, torch.Tensor], *, stage: str = "sft"
     pixels, mask = batch["pixel_values"], batch["pixel_mask"]
     counts = batch["num_boxes"].tolist()
     boxes = list(batch["boxes"].split(counts))
+    labels = list(batch["class_labels"].split(counts))
     features = net.image_features(pixels, mask)
-    prompts = assemble_training_prompts(net, features, boxes, list(batch["class_labels"].split(
-        counts)), exemplars_per_class=s.exemplars_per_class, generator=generator)
+    prompts = assemble_training_prompts(net, features, boxes, labels,
+                                        exemplars_per_class=s.exemplars_per_class,
+                                        generator=generator)
     batch_size = pixels.shape[0]
     embeddings = prompts.embeddings[None].expand(batch_size, -1, -1)
     gt_labels, gt_boxes, gt_mask = pad_targets(prompts.target_labels, boxes)
@@ -165,7 +164,7 @@ def training_losses(model, batch: dict[str, torch.Tensor], *, stage: str = "sft"
     if class_text is not None and contrastive is not None:
         categories = prompts.category_ids.tolist()
         visual = mean_instance_embeddings(prompts.instance_embeddings, prompts.instance_mask,
-                                          list(batch["class_labels"].split(counts)),
+                                          labels,
                                           prompts.category_ids)
         text = torch.stack([class_text[c] for c in categories]).to(visual)
         terms["contrastive"] = s.contrastive_weight * contrastive(visual, text.detach())

@@ -49,11 +49,6 @@ def _build_model(cfg):
     return DinoR1.from_pretrained(cfg.model.init, settings)
 
 
-def weight_checksum(state_dict: dict[str, torch.Tensor]) -> float:
-    """Sum of every floating-point weight in float64: equal weights give equal checksums."""
-    return float(sum(v.double().sum() for v in state_dict.values() if v.is_floating_point()))
-
-
 def tensor_checksum(obj) -> float:
     """float64 sum of every floating-point tensor inside nested dicts/lists (e.g. an optimiser
     state dict), for checking that a restore brought back what was saved."""
@@ -64,6 +59,11 @@ def tensor_checksum(obj) -> float:
     if isinstance(obj, (list, tuple)):
         return sum(tensor_checksum(v) for v in obj)
     return 0.0
+
+
+def weight_checksum(state_dict: dict[str, torch.Tensor]) -> float:
+    """Sum of every floating-point weight in float64: equal weights give equal checksums."""
+    return tensor_checksum(state_dict)
 
 
 def state_checksums(engine, reference) -> dict[str, float]:
