@@ -90,6 +90,46 @@ def _add_bench_commands(sub) -> None:
     steps.add_argument("overrides", nargs="*", metavar="key=value")
 
 
+def _add_eval_commands(sub) -> None:
+    from dinor1.compare import add_compare_parser
+
+    ev = sub.add_parser(
+        "eval",
+        help="score a checkpoint on evaluation shards (Ray Data batch inference + pycocotools)",
+        description="CONFIG is a job YAML; its data and eval sections apply. checkpoint=PATH is "
+        "short for eval.checkpoint=PATH (a model directory, a training run folder, a Hugging Face "
+        "checkpoint, or a preset). Other overrides are dotted keys, e.g. "
+        "eval.prompt_modes=[generic,text] eval.max_images=100. Metrics go to a new MLflow run "
+        "linked to the training run; artifacts to eval.out_dir.",
+    )
+    ev.add_argument("config", help="job YAML, e.g. jobs/demo.yaml")
+    ev.add_argument("overrides", nargs="*", metavar="key=value")
+    ev.add_argument("--address", default=None,
+                    help="Ray cluster address (default: RAY_ADDRESS or a new local Ray)")
+    ev.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    pred = sub.add_parser(
+        "predict",
+        help="detect prompted objects in one image; writes a PNG and a JSON",
+        description="Prompts are boxes (--box, repeatable; in the image itself or in --exemplar)"
+        " or class names (--text 'cat . dog'). Boxes sharing a label are averaged into one "
+        "prompt.",
+    )
+    pred.add_argument("--checkpoint", required=True,
+                      help="model directory, training run folder, HF checkpoint, or preset")
+    pred.add_argument("--image", required=True)
+    pred.add_argument("--box", action="append", default=[], metavar="X0,Y0,X1,Y1[:LABEL]",
+                      help="prompt box in pixels of the exemplar image (default: --image)")
+    pred.add_argument("--exemplar", help="image the --box prompts are drawn in")
+    pred.add_argument("--text", help="class names separated by '.'")
+    pred.add_argument("--out", help="PNG path (default: IMAGE_dinor1.png)")
+    pred.add_argument("--json", help="JSON path (default: IMAGE_dinor1.json)")
+    pred.add_argument("--threshold", type=float, default=0.3)
+    pred.add_argument("--top-k", type=int, default=100)
+    pred.add_argument("--short-side", type=int, default=800)
+    pred.add_argument("--max-size", type=int, default=1333)
+    add_compare_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dinor1",
@@ -112,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Ray cluster address (default: RAY_ADDRESS or a new local Ray)")
     train.add_argument("--check", action="store_true",
                        help="validate and print the resolved config, then exit")
+    _add_eval_commands(sub)
     demo = sub.add_parser(
         "demo",
         help="the embedded default end to end: synthetic data -> shards -> SFT then GRQO "
@@ -201,6 +242,46 @@ def cmd_train(args) -> int:
     return 0 if result.error is None else 1
 
 
+def cmd_eval(args) -> int:
+    from dinor1.config import load_train_config
+
+    overrides = [f"eval.{o}" if o.startswith("checkpoint=") else o for o in args.overrides]
+    cfg = load_train_config(args.config, overrides, require_train_shards=False)
+    if args.address:
+        import ray
+
+        ray.init(address=args.address, configure_logging=False)
+    from dinor1.eval.evaluate import evaluate
+
+    outcome = evaluate(cfg, log_mlflow=not args.no_mlflow)
+    for mode, result in outcome.modes.items():
+        print(f"\n== {mode} prompts: {outcome.num_images} images, "
+              f"{outcome.num_skipped} skipped ==")
+        print(result.score.summary)
+        keys = [k for k in result.metrics if k.count("/") >= 3]
+        if keys:
+            print("  ".join(f"{k.split('/', 2)[2]} {result.metrics[k]:.3f}" for k in keys))
+    print(f"\nartifacts: {outcome.out_dir}")
+    if outcome.run_id:
+        print(f"MLflow run: {outcome.run_id}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from dinor1.eval.predict import parse_box, predict_image
+
+    payload = predict_image(
+        args.checkpoint, args.image, boxes=[parse_box(b) for b in args.box],
+        exemplar_path=args.exemplar, text=args.text, out_png=args.out, out_json=args.json,
+        threshold=args.threshold, top_k=args.top_k, short_side=args.short_side,
+        max_size=args.max_size)
+    for det in payload["detections"]:
+        box = ", ".join(f"{v:.1f}" for v in det["box_xyxy"])
+        print(f"{det['label']:<20} {det['score']:.3f}  [{box}]")
+    print(f"{len(payload['detections'])} detections; wrote {' and '.join(payload['files'])}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from dinor1.data.prepare import demo
 
@@ -210,7 +291,10 @@ def cmd_demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"data": cmd_data, "bench": cmd_bench, "train": cmd_train, "demo": cmd_demo}
+    from dinor1.compare import cmd_compare
+
+    handlers = {"data": cmd_data, "bench": cmd_bench, "train": cmd_train, "demo": cmd_demo,
+                "eval": cmd_eval, "predict": cmd_predict, "compare": cmd_compare}
     try:
         return handlers[args.command](args)
     except (UserError, FileNotFoundError, ValueError) as exc:

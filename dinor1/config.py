@@ -7,6 +7,7 @@ Sections are added as the system grows; YAML files in ``jobs/`` are instances of
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -145,6 +146,31 @@ class MLflowSection(StrictModel):
     register_model: str | None = None
 
 
+class EvalSection(StrictModel):
+    """``dinor1 eval`` and evaluation during training (``every_epochs``)."""
+
+    checkpoint: str | None = None  # dinor1 dir, run folder, HF checkpoint / hub name, or preset
+    shards: str | list[str] | None = None  # default: data.val_shards
+    support_shards: str | list[str] | None = None  # generic prompts from here (default: train)
+    prompt_modes: list[Literal["generic", "text", "interactive"]] = Field(
+        default_factory=lambda: ["generic"], min_length=1)
+    prompts_per_class: int = Field(16, gt=0)
+    generic_prompts: str | None = None  # a saved prompts .safetensors instead of building them
+    batch_size: int = Field(8, gt=0)
+    top_k: int = Field(300, gt=0)
+    prompt_chunk_size: int = Field(80, gt=0)  # classes per forward pass (LVIS: 1203 in chunks)
+    # auto: lvis for LVIS shards, else coco; odinw: eval.shards is a converted ODinW tree
+    scorer: Literal["auto", "coco", "lvis", "odinw"] = "auto"
+    backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
+    num_actors: int = Field(1, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    max_images: int | None = Field(None, gt=0)
+    grid_images: int = Field(8, ge=0)
+    out_dir: str | None = None  # default: <storage>/<name>/eval
+    every_epochs: int = Field(0, ge=0)  # during training: evaluate every N epochs (0 = never)
+
+
 class TrainConfig(StrictModel):
     """The whole job: ``dinor1 train CONFIG.yaml key=value ...``."""
 
@@ -161,11 +187,12 @@ class TrainConfig(StrictModel):
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     checkpointing: CheckpointSection = Field(default_factory=CheckpointSection)
     mlflow: MLflowSection = Field(default_factory=MLflowSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
-        if self.data.train_shards is None:
-            raise ValueError("data.train_shards is required")
+        if self.eval.every_epochs and self.data.val_shards is None and self.eval.shards is None:
+            raise ValueError("eval.every_epochs needs data.val_shards (or eval.shards)")
         if (self.scaling.min_workers is None) != (self.scaling.max_workers is None):
             raise ValueError("scaling.min_workers and scaling.max_workers go together")
         if self.deepspeed.precision == "fp16" and not self.scaling.use_gpu:
@@ -218,7 +245,8 @@ def validate(model: type[M], data: dict[str, Any], prefix: str = "") -> M:
         raise UserError(f"config key {key!r}: {msg}") from None
 
 
-def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+def load_train_config(path: str | Path | None, overrides: list[str] = (), *,
+                      require_train_shards: bool = True) -> TrainConfig:
     """YAML file (optional) + overrides -> a validated :class:`TrainConfig`.
 
     Job YAMLs may carry Ray runtime-environment keys at the top level (``working_dir``,
@@ -228,7 +256,26 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     data = load_yaml(path) if path else {}
     for key in RUNTIME_ENV_KEYS:
         data.pop(key, None)
-    return validate(TrainConfig, apply_overrides(data, list(overrides)))
+    cfg = validate(TrainConfig, apply_overrides(data, list(overrides)))
+    if require_train_shards and cfg.data.train_shards is None:
+        raise UserError("config: data.train_shards is required")
+    return cfg
+
+
+def resolve_paths(cfg: TrainConfig) -> tuple[Path, str, str]:
+    """(storage folder, run name, MLflow tracking URI) of a job.
+
+    The tracking URI is ``mlflow.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a sqlite file
+    in the storage folder.
+    """
+    if "://" in cfg.checkpointing.storage_path:
+        raise UserError("checkpointing.storage_path must be a local or shared (NFS) folder for "
+                        "now; object-store storage paths are not supported yet")
+    storage = Path(os.path.expanduser(cfg.checkpointing.storage_path)).resolve()
+    name = cfg.checkpointing.name or cfg.mlflow.run_name or "dinor1"
+    uri = (cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+           or f"sqlite:///{storage / 'mlflow.db'}")
+    return storage, name, uri
 
 
 RUNTIME_ENV_KEYS = ("working_dir", "py_modules", "env_vars", "pip", "uv", "conda", "excludes",

@@ -63,8 +63,9 @@ def open_shard_set(locations: str | list[str]) -> ShardSet:
     A folder contributes its ``shard-*.tar`` files in name order; a manifest beside them, if any,
     supplies the categories.
     """
-    if isinstance(locations, str):
+    if isinstance(locations, (str, Path)):
         locations = [locations]
+    locations = [str(loc) for loc in locations]
     if not locations:
         raise UserError("no shard location given")
     paths: list[str] = []

@@ -48,7 +48,13 @@ def _skipped(row: dict, error: str) -> dict:
         "image_id": np.int64(-1),
         "orig_size": np.zeros((2,), np.int64),
         "dropped_boxes": np.int64(0),
+        "extras": "{}",
     }
+
+
+# Per-image fields evaluation needs besides the boxes (LVIS's federated labels), carried through
+# decoding as one JSON string column.
+EXTRA_FIELDS = ("neg_category_ids", "not_exhaustive_category_ids")
 
 
 class DecodeSample:
@@ -65,6 +71,7 @@ class DecodeSample:
         image_id          int64
         orig_size         int64 [2] (height, width) of the stored image
         dropped_boxes     int64 annotations dropped by the cleaning rules
+        extras            str   JSON of the sample's ``EXTRA_FIELDS`` (LVIS negatives etc.)
 
     A row that cannot be used gets ``error`` set (naming the shard and key) and placeholder
     arrays; the collate function skips and counts it.
@@ -137,4 +144,5 @@ class DecodeSample:
             "dropped_boxes": np.int64(
                 sum(v for k, v in stats.items() if k != "clipped_box")
             ),
+            "extras": json.dumps({k: meta[k] for k in EXTRA_FIELDS if k in meta}),
         }

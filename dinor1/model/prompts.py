@@ -126,7 +126,7 @@ class GenericPrompts:
 
 @torch.no_grad()
 def build_generic_prompts(model, batches, categories: dict[int, str], *,
-                          per_class: int = 16) -> GenericPrompts:
+                          per_class: int = 16, allow_missing: bool = False) -> GenericPrompts:
     """Average the prompt embeddings of up to ``per_class`` support instances per class.
 
     Args:
@@ -134,6 +134,8 @@ def build_generic_prompts(model, batches, categories: dict[int, str], *,
         batches: iterable of collated batches (``pixel_values``, ``pixel_mask``, ``boxes``,
             ``class_labels``, ``num_boxes``) from the support split.
         categories: {category id: name} of the classes wanted.
+        allow_missing: leave out classes the support split lacks (they get no prompt, so no
+            detections) instead of raising.
     """
     sums: dict[int, torch.Tensor] = {}
     counts = {c: 0 for c in categories}
@@ -151,9 +153,11 @@ def build_generic_prompts(model, batches, categories: dict[int, str], *,
                     sums[category] = sums.get(category, 0) + encoded[b, i].float().cpu()
                     counts[category] += 1
     missing = [c for c, n in counts.items() if n == 0]
-    if missing:
+    if missing and not allow_missing:
         raise ValueError(f"support split has no instance of categories {missing[:10]}")
-    ids = sorted(categories)
+    ids = sorted(c for c in categories if counts[c])
+    if not ids:
+        raise ValueError("support split has no instance of any wanted category")
     return GenericPrompts(embeddings=torch.stack([sums[c] / counts[c] for c in ids]),
                           category_ids=ids, names=[categories[c] for c in ids],
                           counts=[counts[c] for c in ids])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from dinor1.config import TrainConfig
+from dinor1.config import TrainConfig, resolve_paths  # noqa: F401 (re-exported)
 from dinor1.errors import UserError
 
 
@@ -19,18 +19,6 @@ def _git_commit() -> str:
                               timeout=5, cwd=Path(__file__).parent).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def resolve_paths(cfg: TrainConfig) -> tuple[Path, str, str]:
-    """(run folder, Ray run name, MLflow tracking URI)."""
-    if "://" in cfg.checkpointing.storage_path:
-        raise UserError("checkpointing.storage_path must be a local or shared (NFS) folder for "
-                        "now; object-store storage paths are not supported yet")
-    storage = Path(os.path.expanduser(cfg.checkpointing.storage_path)).resolve()
-    name = cfg.checkpointing.name or cfg.mlflow.run_name or "dinor1"
-    uri = (cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-           or f"sqlite:///{storage / 'mlflow.db'}")
-    return storage, name, uri
 
 
 def mlflow_run(cfg: TrainConfig, storage: Path, name: str, uri: str) -> str:
@@ -71,12 +59,22 @@ def mlflow_run(cfg: TrainConfig, storage: Path, name: str, uri: str) -> str:
     return run.info.run_id
 
 
+def _ordered(name: str) -> dict:
+    """Ray Train ingest options: ``name`` read in order (every rank builds the same generic
+    prompts from it), the rest as Ray Train's defaults."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return {name: options}
+
+
 def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
     """Start (or resume) the job; returns Ray Train's Result."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from dinor1.data.pipeline import detection_dataset, open_shard_set
@@ -99,18 +97,34 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
         per_epoch = min(per_epoch or cfg.stages.max_steps_per_epoch,
                         cfg.stages.max_steps_per_epoch)
     epochs = cfg.stages.sft_epochs + cfg.stages.grqo_epochs
+    datasets = {"train": detection_dataset(shards, cfg.data, train=True)}
+    eval_categories = []
+    if cfg.eval.every_epochs:
+        from dinor1.eval.evaluate import dataset_categories
+
+        val = open_shard_set(cfg.eval.shards or cfg.data.val_shards)
+        eval_categories = dataset_categories(val.manifest)
+        if not eval_categories:
+            raise UserError("eval.every_epochs: the val shards have no manifest.json (classes)")
+        datasets["val"] = detection_dataset(val, cfg.data, train=False)
+        support = detection_dataset(cfg.eval.support_shards or shards, cfg.data, train=False)
+        datasets["support"] = support
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "train": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "tracking_uri": uri,
             "total_steps": per_epoch * epochs if per_epoch else None,
             "final_model_dir": str(storage / name / "final_model"),
+            "eval_categories": eval_categories,
         },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=sc.use_gpu, placement_strategy=sc.placement_strategy,
             resources_per_worker={"CPU": sc.cpus_per_worker,
                                   **({"GPU": sc.gpus_per_worker or 1} if sc.use_gpu else {})}),
-        datasets={"train": detection_dataset(shards, cfg.data, train=True)},
+        datasets=datasets,
+        # the support set goes whole to every worker; train and val are split between them
+        dataset_config=DataConfig(datasets_to_split=["train", "val"],
+                                  execution_options=_ordered("support")),
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name, storage_path=str(storage),

@@ -83,6 +83,29 @@ def _empty_loss(engine) -> torch.Tensor:
     return sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
 
 
+def _evaluate(cfg, engine, config: dict, tracker, step: int, epoch: int) -> None:
+    """Generic-prompt AP on the val split (every rank takes part; rank 0 logs)."""
+    import ray.train
+
+    from dinor1.data.pipeline import iter_detection_batches
+    from dinor1.eval.during_training import evaluate_during_training
+    from dinor1.objectives.reference import unwrap
+
+    started = time.perf_counter()
+    data = cfg.data.model_copy(update={"batch_size": cfg.eval.batch_size})
+    metrics = evaluate_during_training(
+        unwrap(engine),
+        iter_detection_batches(ray.train.get_dataset_shard("val"), data, train=False),
+        iter_detection_batches(ray.train.get_dataset_shard("support"), data, train=False),
+        config["eval_categories"], per_class=cfg.eval.prompts_per_class, top_k=cfg.eval.top_k,
+        chunk_size=cfg.eval.prompt_chunk_size)
+    if metrics:
+        metrics["eval/seconds"] = time.perf_counter() - started
+        tracker.log_now(metrics, step)
+        print(f"[eval] epoch {epoch} step {step}: AP {metrics['eval/generic/AP']:.3f} "
+              f"AP50 {metrics['eval/generic/AP50']:.3f}", flush=True)
+
+
 def train_loop_per_worker(config: dict) -> None:
     import deepspeed
     import ray.train
@@ -208,6 +231,8 @@ def train_loop_per_worker(config: dict) -> None:
             if cfg.stages.max_steps_per_epoch and steps_this_epoch >= cfg.stages.max_steps_per_epoch:
                 break
         state["epoch"] = epoch + 1
+        if cfg.eval.every_epochs and state["epoch"] % cfg.eval.every_epochs == 0:
+            _evaluate(cfg, engine, config, tracker, state["step"], epoch)
     save({k: v for k, v in metrics.items() if k.startswith(("loss/total", "train/"))})
     weights = full_state_dict(engine)  # collective under ZeRO-3: every rank takes part
     if rank == 0:

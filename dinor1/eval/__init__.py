@@ -1,0 +1,1 @@
+"""Evaluation: inference over shards, COCO / LVIS / ODinW scoring, reports and artifacts."""
