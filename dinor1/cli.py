@@ -155,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_commands(sub)
     demo = sub.add_parser(
         "demo",
-        help="the embedded default end to end: synthetic data -> shards -> SFT then GRQO "
-        "(2 DeepSpeed workers on a local Ray) -> MLflow",
+        help="the embedded default end to end: synthetic data -> shards -> SFT prefix, then "
+        "an SFT and a GRQO branch (2 DeepSpeed workers on a local Ray) -> eval -> compare",
     )
     demo.add_argument("--out", default="demo_output")
     demo.add_argument("--num-train", type=int, default=2000)
@@ -283,7 +283,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from dinor1.data.prepare import demo
+    from dinor1.demo import demo
 
     demo(args.out, num_train=args.num_train, overrides=tuple(args.overrides))
     return 0

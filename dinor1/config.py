@@ -136,6 +136,9 @@ class CheckpointSection(StrictModel):
     storage_path: str = "~/dinor1_runs"
     name: str | None = None  # Ray run name (default: the MLflow run name)
     max_failures: int = Field(0, ge=-1)
+    # start a NEW run from another run's checkpoint (weights, optimiser, step, epoch): a
+    # checkpoint folder, or a run folder (its newest checkpoint). Used to branch recipes.
+    start_from: str | None = None
 
 
 class MLflowSection(StrictModel):

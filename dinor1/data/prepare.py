@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from data_pipelines import converters
@@ -71,35 +70,3 @@ def convert(args) -> None:
                                 num_workers=args.workers)
         print(format_report(manifest))
         print(f"  -> {out}")
-
-
-def demo(out: str, *, num_train: int = 2000, overrides: tuple[str, ...] = ()) -> None:
-    """``make demo``: synthetic data -> shards -> inspect -> SFT then GRQO on a local Ray with
-    2 DeepSpeed workers, tracked in MLflow (sqlite under ``out/runs``).
-
-    Evaluation and the SFT-vs-GRQO comparison arrive with the demo issue.
-    """
-    import os
-
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from dinor1.config import load_train_config
-    from dinor1.data.inspect import format_inspect_report, inspect_shards
-    from dinor1.train.launch import resolve_paths, run_training
-
-    t0 = time.time()
-    dirs = synthesize(out, num_train=num_train, num_val=200, num_support=100,
-                      workers=os.cpu_count() or 1)
-    report = inspect_shards(str(dirs["train"]), grid_path=str(Path(out) / "train_grid.png"))
-    print(format_inspect_report(report, top=10))
-    job = Path(__file__).parents[2] / "jobs" / "demo.yaml"
-    cfg = load_train_config(job if job.exists() else None, [
-        f"data.train_shards={dirs['train']}", f"checkpointing.storage_path={Path(out) / 'runs'}",
-        *overrides])
-    result = run_training(cfg)
-    storage, name, uri = resolve_paths(cfg)
-    print(f"[demo] finished in {(time.time() - t0) / 60:.1f} min; sample grid {report['grid']}")
-    print(f"[demo] final weights: {storage / name / 'final_model'}")
-    print(f"[demo] MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 "
-          "--port 5000  (then open http://127.0.0.1:5000)")
-    if result.error is not None:
-        raise RuntimeError(f"demo training failed: {result.error}")

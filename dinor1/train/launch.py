@@ -59,6 +59,20 @@ def mlflow_run(cfg: TrainConfig, storage: Path, name: str, uri: str) -> str:
     return run.info.run_id
 
 
+def latest_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder as is, or the newest complete checkpoint of a run folder."""
+    from dinor1.train.loop import STATE_NAME
+
+    path = Path(path).expanduser().resolve()
+    if (path / STATE_NAME).is_file():
+        return path
+    found = sorted((p.parent for p in path.glob(f"checkpoint_*/{STATE_NAME}")),
+                   key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError(f"checkpointing.start_from: no checkpoint in {path}")
+    return found[-1]
+
+
 def _ordered(name: str) -> dict:
     """Ray Train ingest options: ``name`` read in order (every rank builds the same generic
     prompts from it), the rest as Ray Train's defaults."""
@@ -109,13 +123,16 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
         datasets["val"] = detection_dataset(val, cfg.data, train=False)
         support = detection_dataset(cfg.eval.support_shards or shards, cfg.data, train=False)
         datasets["support"] = support
+    start = None  # Ray Train V2 has no resume_from_checkpoint: the loop loads it
+    if cfg.checkpointing.start_from:
+        start = str(latest_checkpoint(cfg.checkpointing.start_from))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "train": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "tracking_uri": uri,
             "total_steps": per_epoch * epochs if per_epoch else None,
             "final_model_dir": str(storage / name / "final_model"),
-            "eval_categories": eval_categories,
+            "eval_categories": eval_categories, "start_from": start,
         },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=sc.use_gpu, placement_strategy=sc.placement_strategy,

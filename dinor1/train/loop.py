@@ -135,7 +135,9 @@ def train_loop_per_worker(config: dict) -> None:
     stages = ["sft"] * cfg.stages.sft_epochs + ["grqo"] * cfg.stages.grqo_epochs
     state = {"step": 0, "epoch": 0, "skipped_samples": 0}
     reference = None
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # this run's own latest (after a restart) first
+    if checkpoint is None and config.get("start_from"):  # a new run branching off another's
+        checkpoint = ray.train.Checkpoint.from_directory(config["start_from"])
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)

@@ -106,7 +106,8 @@ def test_ray_job_submit_demo_job(ray_head, mlflow_server, tmp_path):
         "--submission-id", "dinor1-test-job", "--",
         "dinor1", "train", "jobs/demo.yaml", f"data.train_shards={tmp_path / 'shards'}",
         "data.train_short_sides=[96]", "data.train_max_size=96",
-        "stages.max_steps_per_epoch=2", f"checkpointing.storage_path={tmp_path / 'runs'}",
+        "stages.max_steps_per_epoch=2", "stages.sft_epochs=1", "stages.grqo_epochs=1",
+        f"checkpointing.storage_path={tmp_path / 'runs'}",
         f"mlflow.tracking_uri={mlflow_server}", "mlflow.log_every_steps=1",
     ]
     for _ in range(10):  # a fresh head's job agent takes a few seconds to register

@@ -103,7 +103,7 @@ def test_resume_restores_state_into_the_same_mlflow_run(ray_cluster, shards, tmp
     common = [f"data.train_shards={shards}", "data.train_short_sides=[96]",
               "data.train_max_size=96", "stages.max_steps_per_epoch=2",
               f"checkpointing.storage_path={tmp_path}", "mlflow.log_every_steps=1",
-              "checkpointing.every_steps=100"]
+              "checkpointing.every_steps=100", "stages.sft_epochs=1"]
     job = ROOT / "jobs" / "demo.yaml"
     assert run_training(load_train_config(job, [*common, "stages.grqo_epochs=1"])).error is None
     run_id = (tmp_path / "demo" / "mlflow_run_id").read_text().strip()
