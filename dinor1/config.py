@@ -283,3 +283,13 @@ def resolve_paths(cfg: TrainConfig) -> tuple[Path, str, str]:
 
 RUNTIME_ENV_KEYS = ("working_dir", "py_modules", "env_vars", "pip", "uv", "conda", "excludes",
                     "container", "image_uri", "py_executable", "config", "nsight")
+
+
+def experiment_id(client, name: str, uri: str, storage: Path) -> str:
+    """The MLflow experiment ``name`` (created if missing; with a sqlite store its artifacts go
+    to ``storage/mlartifacts`` rather than the working directory)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = (storage / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
+    return client.create_experiment(name, artifact_location=artifacts)

@@ -6,11 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -21,6 +18,7 @@ from PIL import Image
 
 from dinor1.compare import add_compare_parser, cmd_compare, compare_runs
 from dinor1.errors import UserError
+from tests.helpers import free_port, wait_http
 
 EXPERIMENT = "compare-test"
 T0 = 1_700_000_000_000  # ms; runs start one second apart, in this order
@@ -164,25 +162,10 @@ def test_cli_prints_table_and_paths(store, tmp_path, capsys, monkeypatch):
     assert (tmp_path / "cli" / "compare.csv").is_file()
 
 
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_http(url: str, seconds: float = 60) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(url)
 
 
 def test_against_mlflow_server(tmp_path):
-    port = _port()
+    port = free_port()
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true",
                MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     proc = subprocess.Popen(
@@ -192,7 +175,7 @@ def test_against_mlflow_server(tmp_path):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         uri = f"http://127.0.0.1:{port}"
-        _wait_http(f"{uri}/health")
+        wait_http(f"{uri}/health")
         populate(uri, None)
         table = compare_runs(EXPERIMENT, tracking_uri=uri, out_dir=tmp_path / "out").table
         assert list(table["recipe"]) == ["SFT 2", "SFT 1 + GRQO 1"]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinor1.config import TrainConfig, resolve_paths
+from dinor1.config import TrainConfig, experiment_id, resolve_paths
 from dinor1.errors import UserError
 from dinor1.eval.inference import BatchPredictor
 
@@ -330,20 +330,13 @@ def log_eval_run(cfg: TrainConfig, uri: str, source: ModelSource, outcome: EvalO
     from mlflow.entities import Metric, Param
 
     client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
-    if experiment is None:
-        storage, _, _ = resolve_paths(cfg)
-        artifacts = (storage / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
-        experiment_id = client.create_experiment(cfg.mlflow.experiment,
-                                                 artifact_location=artifacts)
-    else:
-        experiment_id = experiment.experiment_id
+    experiment = experiment_id(client, cfg.mlflow.experiment, uri, resolve_paths(cfg)[0])
     tags = {"dinor1.run_kind": "eval", "dinor1.checkpoint": source.path}
     if source.train_run_id:
         tags["dinor1.train_run_id"] = source.train_run_id
         tags["mlflow.parentRunId"] = source.train_run_id
     base = cfg.mlflow.run_name or Path(source.path).parent.name or "model"
-    run = client.create_run(experiment_id, run_name=f"eval-{base}", tags=tags)
+    run = client.create_run(experiment, run_name=f"eval-{base}", tags=tags)
     params = {f"eval.{k}": str(v)[:500] for k, v in cfg.eval.model_dump(mode="json").items()}
     params["eval.shards_resolved"] = str(cfg.eval.shards or cfg.data.val_shards)[:500]
     now = int(time.time() * 1000)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from dinor1.config import TrainConfig, resolve_paths  # noqa: F401 (re-exported)
+from dinor1.config import TrainConfig, experiment_id, resolve_paths  # noqa: F401 (re-exported)
 from dinor1.errors import UserError
 
 
@@ -32,17 +32,11 @@ def mlflow_run(cfg: TrainConfig, storage: Path, name: str, uri: str) -> str:
     client = mlflow.MlflowClient(uri)
     if run_file.exists():
         return run_file.read_text().strip()
-    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
-    if experiment is None:
-        artifacts = (storage / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
-        experiment_id = client.create_experiment(cfg.mlflow.experiment,
-                                                 artifact_location=artifacts)
-    else:
-        experiment_id = experiment.experiment_id
+    experiment = experiment_id(client, cfg.mlflow.experiment, uri, storage)
     import ray
     import torch
 
-    run = client.create_run(experiment_id, run_name=cfg.mlflow.run_name or name, tags={
+    run = client.create_run(experiment, run_name=cfg.mlflow.run_name or name, tags={
         "git_commit": _git_commit(), "dinor1": dinor1.__version__, "torch": torch.__version__,
         "ray": ray.__version__, "python": sys.version.split()[0]})
     params = flatten(cfg.model_dump(mode="json"))

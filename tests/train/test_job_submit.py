@@ -5,12 +5,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -19,26 +17,12 @@ import pytest
 from data_pipelines.converters import load_coco
 from data_pipelines.shard_writer import write_shards
 from data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
+from tests.helpers import free_port, wait_http
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
 
 
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_http(url: str, seconds: float = 60) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
 
 
 def _env() -> dict:
@@ -58,15 +42,15 @@ def ray_head():
     # a short path of its own: Ray puts unix sockets under it (108-byte limit) and every Ray
     # process of this head names it, which is how the fixture finds the PIDs to stop
     temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
-    port, dashboard = _port(), _port()
+    port, dashboard = free_port(), free_port()
     subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
                     "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                    str(dashboard), "--dashboard-agent-listen-port", str(_port()),
+                    str(dashboard), "--dashboard-agent-listen-port", str(free_port()),
                     "--num-cpus", "4", "--temp-dir", str(temp_dir),
                     "--include-dashboard", "true", "--disable-usage-stats"],
                    env=_env(), check=True, capture_output=True, timeout=120)
     try:
-        _wait_http(f"http://127.0.0.1:{dashboard}/api/version")
+        wait_http(f"http://127.0.0.1:{dashboard}/api/version")
         yield f"http://127.0.0.1:{dashboard}"
     finally:
         for pid in _pids_under(temp_dir):
@@ -79,14 +63,14 @@ def ray_head():
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _port()
+    port = free_port()
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
         env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_http(f"http://127.0.0.1:{port}/health")
+        wait_http(f"http://127.0.0.1:{port}/health")
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.send_signal(signal.SIGTERM)  # the parent stops its workers
