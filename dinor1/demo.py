@@ -45,8 +45,13 @@ def _stage(message: str, started: float) -> None:
 
 def run_recipes(shards: dict[str, Path], runs_dir: Path, *, seed: int = 0,
                 prefix_epochs: int = 3, branch_epochs: int = 2,
-                overrides: tuple[str, ...] = (), started: float | None = None) -> RecipeRuns:
-    """SFT prefix, then the SFT and GRQO branches from its checkpoint, each evaluated."""
+                overrides: tuple[str, ...] = (), started: float | None = None,
+                variants: dict[str, tuple[str, ...]] | None = None) -> RecipeRuns:
+    """SFT prefix, then the SFT and GRQO branches from its checkpoint, each evaluated.
+
+    ``variants`` adds more GRQO branches from the same prefix, each with its own overrides
+    (e.g. ``{"grqo-pg": ("grqo.form=policy_gradient",)}``); their metrics are keyed by name.
+    """
     from dinor1.config import load_train_config, resolve_paths
     from dinor1.eval.evaluate import evaluate
     from dinor1.train.launch import run_training
@@ -75,6 +80,11 @@ def run_recipes(shards: dict[str, Path], runs_dir: Path, *, seed: int = 0,
         "grqo": config(f"grqo-s{seed}", prefix_epochs, branch_epochs,
                        f"checkpointing.start_from={checkpoint}"),
     }
+    for name, extra in (variants or {}).items():
+        if name in recipes:
+            raise UserError(f"variant name {name!r} clashes with a built-in recipe")
+        recipes[name] = config(f"{name}-s{seed}", prefix_epochs, branch_epochs,
+                               f"checkpointing.start_from={checkpoint}", *extra)
     metrics, names = {}, {}
     for recipe, cfg in recipes.items():
         _stage(f"seed {seed}: branch {recipe} ({branch_epochs} epochs from the prefix)", started)
