@@ -137,7 +137,7 @@ def train_loop_per_worker(config: dict) -> None:
     reference = None
     checkpoint = ray.train.get_checkpoint()  # this run's own latest (after a restart) first
     if checkpoint is None and config.get("start_from"):  # a new run branching off another's
-        checkpoint = ray.train.Checkpoint.from_directory(config["start_from"])
+        checkpoint = ray.train.Checkpoint(config["start_from"])  # a folder or a URI
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)

@@ -92,9 +92,14 @@ class RankZeroTracker:
 
     def finish(self, module, state_dict) -> None:
         """Export the final weights (``from_pretrained`` directory) and log them."""
-        target = Path(self.final_dir) if self.final_dir else Path(tempfile.mkdtemp())
+        from dinor1 import storage
+
+        remote = self.final_dir if self.final_dir and storage.is_uri(self.final_dir) else None
+        target = Path(self.final_dir) if self.final_dir and not remote else Path(tempfile.mkdtemp())
         module.save_pretrained(target, state_dict)
-        print(f"[train] final weights: {target}", file=sys.stderr, flush=True)
+        if remote:  # an object-store run folder: export there too
+            storage.upload_dir(target, remote)
+        print(f"[train] final weights: {remote or target}", file=sys.stderr, flush=True)
         if self.enabled:
             import mlflow
 
