@@ -91,3 +91,23 @@ def subfolders(location: str, pattern_prefix: str) -> list[tuple[str, float]]:
             mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
             out.append((info.base_name, mtime))
     return out
+
+
+def local_copy(location: str) -> Path:
+    """A local copy of an object-store folder, cached per node under ``~/.cache/dinor1`` (or
+    ``$DINOR1_CACHE``) by URI, so every actor on a node downloads it once. Concurrent callers
+    each download into a temp folder and the first rename wins."""
+    import hashlib
+    import shutil
+
+    cache = Path(os.environ.get("DINOR1_CACHE", "~/.cache/dinor1")).expanduser()
+    target = cache / hashlib.sha256(location.encode()).hexdigest()[:24]
+    if target.is_dir():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = download_dir(location, tempfile.mkdtemp(prefix="partial-", dir=cache))
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -58,7 +58,7 @@ def resolve_checkpoint(checkpoint: str | None) -> ModelSource:
         if not storage.exists(storage.join(checkpoint, "config.json")):
             raise UserError(f"eval.checkpoint: {checkpoint} has no config.json (give a run "
                             "folder or its final_model)")
-        return ModelSource(str(storage.download_dir(checkpoint)), run_id)
+        return ModelSource(checkpoint, run_id)  # every actor loads it (cached per node)
     path = Path(checkpoint).expanduser()
     if not path.exists():
         if checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") > 1:

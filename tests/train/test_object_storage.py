@@ -59,6 +59,7 @@ def _train(tmp_path, location: str, tracking: str, *extra: str):
 def test_training_checkpoints_to_s3_and_branches_from_there(tmp_path, s3_server, monkeypatch):
     for key, value in CREDENTIALS.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DINOR1_CACHE", str(tmp_path / "cache"))
     query = f"endpoint_override=127.0.0.1:{s3_server}&scheme=http"
     pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{s3_server}", scheme="http",
                       allow_bucket_creation=True).create_dir("bucket")
@@ -92,7 +93,9 @@ def test_training_checkpoints_to_s3_and_branches_from_there(tmp_path, s3_server,
     from dinor1.eval.evaluate import load_model, resolve_checkpoint
 
     source = resolve_checkpoint(run_folder)
-    assert source.train_run_id == run_id and Path(source.path, "config.json").is_file()
+    assert source.train_run_id == run_id and source.path.startswith("s3://bucket/runs/first/")
     assert sum(p.numel() for p in load_model(source).parameters()) > 0
+    cached = list((tmp_path / "cache").iterdir())
+    assert len(cached) == 1 and (cached[0] / "config.json").is_file()
     with pytest.raises(UserError, match="no config.json"):
         resolve_checkpoint(storage.join(location, "missing"))
