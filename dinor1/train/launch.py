@@ -87,7 +87,10 @@ def _ordered(name: str) -> dict:
 
 def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
     """Start (or resume) the job; returns Ray Train's Result."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if ray_address is None and "RAY_ADDRESS" not in os.environ:
+        # a Ray this process may start itself: loopback only (a driver joining a multi-node
+        # cluster must not pin itself to 127.0.0.1, so that case keeps Ray's default)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
