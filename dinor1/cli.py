@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--check", action="store_true",
                        help="validate and print the resolved config, then exit")
     _add_eval_commands(sub)
+    from dinor1.local_cluster import add_cluster_parser
+
+    add_cluster_parser(sub)
     demo = sub.add_parser(
         "demo",
         help="the embedded default end to end: synthetic data -> shards -> SFT prefix, then "
@@ -292,9 +295,11 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dinor1.compare import cmd_compare
+    from dinor1.local_cluster import cmd_cluster
 
     handlers = {"data": cmd_data, "bench": cmd_bench, "train": cmd_train, "demo": cmd_demo,
-                "eval": cmd_eval, "predict": cmd_predict, "compare": cmd_compare}
+                "eval": cmd_eval, "predict": cmd_predict, "compare": cmd_compare,
+                "cluster": cmd_cluster}
     try:
         return handlers[args.command](args)
     except (UserError, FileNotFoundError, ValueError) as exc:

@@ -265,31 +265,49 @@ def load_train_config(path: str | Path | None, overrides: list[str] = (), *,
     return cfg
 
 
-def resolve_paths(cfg: TrainConfig) -> tuple[Path, str, str]:
-    """(storage folder, run name, MLflow tracking URI) of a job.
+def resolve_paths(cfg: TrainConfig) -> tuple[Path | str, str, str]:
+    """(storage folder or object-store URI, run name, MLflow tracking URI) of a job.
 
     The tracking URI is ``mlflow.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a sqlite file
-    in the storage folder.
+    in the storage folder (which an object-store storage path cannot hold: then one of the
+    first two is required).
     """
-    if "://" in cfg.checkpointing.storage_path:
-        raise UserError("checkpointing.storage_path must be a local or shared (NFS) folder for "
-                        "now; object-store storage paths are not supported yet")
-    storage = Path(os.path.expanduser(cfg.checkpointing.storage_path)).resolve()
+    from dinor1.storage import is_uri
+
+    location = cfg.checkpointing.storage_path
     name = cfg.checkpointing.name or cfg.mlflow.run_name or "dinor1"
-    uri = (cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-           or f"sqlite:///{storage / 'mlflow.db'}")
-    return storage, name, uri
+    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if is_uri(location):
+        if not uri:
+            raise UserError(f"checkpointing.storage_path {location} is an object-store URI: set "
+                            "mlflow.tracking_uri (or MLFLOW_TRACKING_URI) too, e.g. an MLflow "
+                            "server (a sqlite file cannot live in an object store)")
+        return location.rstrip("/"), name, uri
+    storage = Path(os.path.expanduser(location.removeprefix("file://"))).resolve()
+    return storage, name, uri or f"sqlite:///{storage / 'mlflow.db'}"
+
+
+def local_output_dir(storage: Path | str, name: str, leaf: str) -> Path:
+    """``storage/name/leaf`` for a local storage folder; ``~/dinor1_runs/name/leaf`` when the
+    storage is an object store (reports are written locally and logged to MLflow)."""
+    if isinstance(storage, Path):
+        return storage / name / leaf
+    return Path("~/dinor1_runs").expanduser() / name / leaf
 
 
 RUNTIME_ENV_KEYS = ("working_dir", "py_modules", "env_vars", "pip", "uv", "conda", "excludes",
                     "container", "image_uri", "py_executable", "config", "nsight")
 
 
-def experiment_id(client, name: str, uri: str, storage: Path) -> str:
+def experiment_id(client, name: str, uri: str, storage: Path | str) -> str:
     """The MLflow experiment ``name`` (created if missing; with a sqlite store its artifacts go
-    to ``storage/mlartifacts`` rather than the working directory)."""
+    to ``storage/mlartifacts``, or beside the database when the storage is an object store,
+    rather than the working directory)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    artifacts = (storage / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
+    artifacts = None
+    if uri.startswith("sqlite"):
+        folder = storage if isinstance(storage, Path) else Path(uri.split(":///", 1)[1]).parent
+        artifacts = (folder / "mlartifacts").as_uri()
     return client.create_experiment(name, artifact_location=artifacts)

@@ -54,6 +54,7 @@ def run_recipes(shards: dict[str, Path], runs_dir: Path, *, seed: int = 0,
     """
     from dinor1.config import load_train_config, resolve_paths
     from dinor1.eval.evaluate import evaluate
+    from dinor1.storage import join
     from dinor1.train.launch import run_training
 
     started = started or time.time()
@@ -93,7 +94,7 @@ def run_recipes(shards: dict[str, Path], runs_dir: Path, *, seed: int = 0,
             raise RuntimeError(f"{recipe} branch failed: {result.error}")
         storage, name, uri = resolve_paths(cfg)
         _stage(f"seed {seed}: evaluating {recipe} on the val split (generic prompts)", started)
-        cfg.eval.checkpoint = str(storage / name)
+        cfg.eval.checkpoint = join(storage, name)
         metrics[recipe] = evaluate(cfg).metrics
         names[recipe] = name
     return RecipeRuns(seed=seed, metrics=metrics, run_names=names, tracking_uri=uri,

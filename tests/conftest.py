@@ -21,3 +21,34 @@ def ray_cluster():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def s3_server():
+    """A real S3-compatible server (moto's) on 127.0.0.1, standing in for the cloud object store
+    that cannot exist here; yields its port. Stopped by PID."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from tests.helpers import free_port
+
+    port = free_port()
+    server = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("S3 test server did not start")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

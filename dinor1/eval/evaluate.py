@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinor1.config import TrainConfig, experiment_id, resolve_paths
+from dinor1.config import TrainConfig, experiment_id, local_output_dir, resolve_paths
 from dinor1.errors import UserError
 from dinor1.eval.inference import BatchPredictor
 
@@ -47,6 +47,18 @@ def resolve_checkpoint(checkpoint: str | None) -> ModelSource:
         raise UserError("config key 'eval.checkpoint' is required (checkpoint=PATH)")
     if checkpoint in PRESETS:
         return ModelSource(checkpoint)
+    from dinor1 import storage
+
+    if storage.is_uri(checkpoint):  # a run folder or model directory in an object store
+        run_id = None
+        if storage.exists(storage.join(checkpoint, "final_model", "config.json")):
+            if storage.exists(storage.join(checkpoint, "mlflow_run_id")):
+                run_id = storage.read_text(storage.join(checkpoint, "mlflow_run_id")).strip()
+            checkpoint = storage.join(checkpoint, "final_model")
+        if not storage.exists(storage.join(checkpoint, "config.json")):
+            raise UserError(f"eval.checkpoint: {checkpoint} has no config.json (give a run "
+                            "folder or its final_model)")
+        return ModelSource(checkpoint, run_id)  # every actor loads it (cached per node)
     path = Path(checkpoint).expanduser()
     if not path.exists():
         if checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") > 1:
@@ -263,7 +275,7 @@ def evaluate(cfg: TrainConfig, *, log_mlflow: bool = True) -> EvalOutcome:
         scorer = "lvis" if dataset_name.lower().startswith("lvis") else "coco"
     source = resolve_checkpoint(cfg.eval.checkpoint)
     storage, name, uri = resolve_paths(cfg)
-    out_dir = Path(cfg.eval.out_dir or storage / name / "eval").expanduser().resolve()
+    out_dir = Path(cfg.eval.out_dir or local_output_dir(storage, name, "eval")).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
         ray.init(configure_logging=False)

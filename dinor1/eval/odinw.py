@@ -45,13 +45,13 @@ def find_odinw_shard_sets(root: str | Path) -> dict[str, tuple[Path, Path | None
 def evaluate_odinw(cfg: TrainConfig, *, log_mlflow: bool = True):
     """Evaluate each ODinW dataset (see the module docstring); returns an ``EvalOutcome``
     whose metrics hold the per-dataset APs and the ODinW means."""
-    from dinor1.config import resolve_paths
+    from dinor1.config import local_output_dir, resolve_paths
     from dinor1.eval.evaluate import EvalOutcome, evaluate, log_eval_run, resolve_checkpoint
     from dinor1.eval.scoring import odinw_summary
 
     datasets = find_odinw_shard_sets(cfg.eval.shards)
     storage, name, uri = resolve_paths(cfg)
-    out_dir = Path(cfg.eval.out_dir or storage / name / "eval").expanduser().resolve()
+    out_dir = Path(cfg.eval.out_dir or local_output_dir(storage, name, "eval")).expanduser().resolve()
     metrics: dict[str, float] = {}
     per_mode: dict[str, dict[str, float]] = {}
     modes = {}

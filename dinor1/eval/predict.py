@@ -94,7 +94,10 @@ def predict_image(checkpoint: str, image_path: str, *, boxes: list[PromptBox] = 
         from dinor1.model.text import load_tokenizer
 
         names = [n.strip() for n in text.split(".") if n.strip()]
-        tokenizer = load_tokenizer(source.path, model.config.text_config.vocab_size, names)
+        from dinor1 import storage
+
+        local = storage.local_copy(source.path) if storage.is_uri(source.path) else source.path
+        tokenizer = load_tokenizer(str(local), model.config.text_config.vocab_size, names)
         detections = detect_text(model, batch, tokenizer, names, list(range(len(names))),
                                  top_k=top_k)[0]
     else:

@@ -334,10 +334,15 @@ class DinoR1(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, settings: DinoR1Settings | None = None
                         ) -> DinoR1:
-        """A preset name (random init), a directory saved by :meth:`save_pretrained`, or any
-        Hugging Face Grounding DINO checkpoint (local directory or hub name) as the start."""
+        """A preset name (random init), a directory saved by :meth:`save_pretrained` (local, or
+        an object-store URI such as ``s3://bucket/runs/x/final_model``), or any Hugging Face
+        Grounding DINO checkpoint (local directory or hub name) as the start."""
         if name_or_path in PRESETS:
             return cls(preset_config(name_or_path), settings)
+        from dinor1 import storage
+
+        if storage.is_uri(name_or_path):  # a model directory in an object store
+            name_or_path = str(storage.local_copy(name_or_path))
         path = Path(name_or_path)
         config_file = path / CONFIG_NAME
         if config_file.is_file():

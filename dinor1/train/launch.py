@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
 
 from dinor1.config import TrainConfig, experiment_id, resolve_paths  # noqa: F401 (re-exported)
 from dinor1.errors import UserError
+from dinor1.storage import join
 
 
 def _git_commit() -> str:
@@ -21,17 +23,18 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def mlflow_run(cfg: TrainConfig, storage: Path, name: str, uri: str) -> str:
+def mlflow_run(cfg: TrainConfig, storage: Path | str, name: str, uri: str) -> str:
     """Create (or, for a resumed run folder, reuse) the MLflow run; returns its id."""
     import mlflow
 
     import dinor1
+    from dinor1 import storage as store
     from dinor1.train.tracking import flatten
 
-    run_file = storage / name / "mlflow_run_id"
+    run_file = store.join(storage, name, "mlflow_run_id")
     client = mlflow.MlflowClient(uri)
-    if run_file.exists():
-        return run_file.read_text().strip()
+    if store.exists(run_file):
+        return store.read_text(run_file).strip()
     experiment = experiment_id(client, cfg.mlflow.experiment, uri, storage)
     import ray
     import torch
@@ -45,26 +48,31 @@ def mlflow_run(cfg: TrainConfig, storage: Path, name: str, uri: str) -> str:
 
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
-    config_file = storage / name / "resolved_config.yaml"
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    client.log_artifact(run.info.run_id, str(config_file))
-    run_file.write_text(run.info.run_id)
+    resolved = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    store.write_text(store.join(storage, name, "resolved_config.yaml"), resolved)
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "resolved_config.yaml").write_text(resolved)
+        client.log_artifact(run.info.run_id, str(Path(folder) / "resolved_config.yaml"))
+    store.write_text(run_file, run.info.run_id)
     return run.info.run_id
 
 
-def latest_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder as is, or the newest complete checkpoint of a run folder."""
+def latest_checkpoint(path: str | Path) -> str:
+    """A checkpoint folder as is, or the newest complete checkpoint of a run folder (local or
+    object store)."""
+    from dinor1 import storage as store
     from dinor1.train.loop import STATE_NAME
 
-    path = Path(path).expanduser().resolve()
-    if (path / STATE_NAME).is_file():
-        return path
-    found = sorted((p.parent for p in path.glob(f"checkpoint_*/{STATE_NAME}")),
-                   key=lambda p: p.stat().st_mtime)
+    location = str(path) if store.is_uri(path) else str(Path(path).expanduser().resolve())
+    if store.exists(store.join(location, STATE_NAME)):
+        return location
+    found = [(name, mtime) for name, mtime in store.subfolders(location, "checkpoint_")
+             if store.exists(store.join(location, name, STATE_NAME))]
     if not found:
-        raise UserError(f"checkpointing.start_from: no checkpoint in {path}")
-    return found[-1]
+        raise UserError(f"checkpointing.start_from: no checkpoint in {location}")
+    # Ray names checkpoints by time; local folders also carry a trustworthy mtime
+    newest = max(found, key=lambda f: (f[1], f[0]) if not store.is_uri(location) else f[0])
+    return store.join(location, newest[0])
 
 
 def _ordered(name: str) -> dict:
@@ -79,7 +87,10 @@ def _ordered(name: str) -> dict:
 
 def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
     """Start (or resume) the job; returns Ray Train's Result."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if ray_address is None and "RAY_ADDRESS" not in os.environ:
+        # a Ray this process may start itself: loopback only (a driver joining a multi-node
+        # cluster must not pin itself to 127.0.0.1, so that case keeps Ray's default)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -92,7 +103,8 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
           file=sys.stderr)
     shards = open_shard_set(cfg.data.train_shards)  # fails early on a missing shard folder
     storage, name, uri = resolve_paths(cfg)
-    storage.mkdir(parents=True, exist_ok=True)
+    if isinstance(storage, Path):
+        storage.mkdir(parents=True, exist_ok=True)
     run_id = mlflow_run(cfg, storage, name, uri)
     if not ray.is_initialized():
         ray.init(address=ray_address, configure_logging=False)
@@ -125,7 +137,7 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
         train_loop_config={
             "train": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "tracking_uri": uri,
             "total_steps": per_epoch * epochs if per_epoch else None,
-            "final_model_dir": str(storage / name / "final_model"),
+            "final_model_dir": join(storage, name, "final_model"),
             "eval_categories": eval_categories, "start_from": start,
         },
         scaling_config=ScalingConfig(
@@ -143,6 +155,6 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
             failure_config=FailureConfig(max_failures=cfg.checkpointing.max_failures)),
     )
     result = trainer.fit()
-    print(f"[train] MLflow run {run_id} at {uri}; checkpoints in {storage / name}",
+    print(f"[train] MLflow run {run_id} at {uri}; checkpoints in {join(storage, name)}",
           file=sys.stderr)
     return result

@@ -116,7 +116,7 @@ def train_loop_per_worker(config: dict) -> None:
     from dinor1.objectives.reference import ReferenceModel, full_state_dict, unwrap
     from dinor1.objectives.step import TrainingObjective
     from dinor1.train.optim import deepspeed_config, lr_factor, parameter_groups, set_lr
-    from dinor1.train.tracking import RankZeroTracker
+    from dinor1.train.tracking import RankZeroTracker, gather_placements
 
     cfg = TrainConfig.model_validate(config["train"])
     ctx = ray.train.get_context()
@@ -137,7 +137,7 @@ def train_loop_per_worker(config: dict) -> None:
     reference = None
     checkpoint = ray.train.get_checkpoint()  # this run's own latest (after a restart) first
     if checkpoint is None and config.get("start_from"):  # a new run branching off another's
-        checkpoint = ray.train.Checkpoint.from_directory(config["start_from"])
+        checkpoint = ray.train.Checkpoint(config["start_from"])  # a folder or a URI
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
@@ -147,6 +147,8 @@ def train_loop_per_worker(config: dict) -> None:
                 load_weights(reference.model, Path(folder) / REFERENCE_NAME)
                 reference.last_refresh_step = state.get("reference_refresh_step", 0)
     tracker = RankZeroTracker(config, rank, world)
+    tracker.set_tag("dinor1.workers", json.dumps(gather_placements(rank)))
+    steps_done = 0  # by this worker in this attempt (a restart starts again at 0)
     if checkpoint is not None:  # lets a user (and the tests) check what was restored
         sums = state_checksums(engine, reference)
         tracker.log_now({"resume/step": float(state["step"]),
@@ -210,6 +212,7 @@ def train_loop_per_worker(config: dict) -> None:
             engine.step()
             state["step"] = step = step + 1
             steps_this_epoch += 1
+            steps_done += 1
             done = time.perf_counter()
             wait_total += got_batch - wait_start
             compute_total += done - got_batch
@@ -236,6 +239,7 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.eval.every_epochs and state["epoch"] % cfg.eval.every_epochs == 0:
             _evaluate(cfg, engine, config, tracker, state["step"], epoch)
     save({k: v for k, v in metrics.items() if k.startswith(("loss/total", "train/"))})
+    tracker.set_tag("dinor1.workers", json.dumps(gather_placements(rank, steps=steps_done)))
     weights = full_state_dict(engine)  # collective under ZeRO-3: every rank takes part
     if rank == 0:
         tracker.finish(unwrap(engine), weights)

@@ -24,6 +24,27 @@ def flatten(data: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def worker_placement(rank: int) -> dict:
+    """Where this worker runs: its Ray node, IP and PID (gathered into the run's tags)."""
+    import os
+
+    import ray
+
+    context = ray.get_runtime_context()
+    return {"rank": rank, "node_id": context.get_node_id(), "pid": os.getpid(),
+            "node_ip": ray.util.get_node_ip_address()}
+
+
+def gather_placements(rank: int, **extra) -> list[dict]:
+    """Every rank's :func:`worker_placement` (plus ``extra``), in rank order, on every rank."""
+    import torch.distributed as dist
+
+    mine = {**worker_placement(rank), **extra}
+    everyone: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
 class RankZeroTracker:
     """Logs metrics and prints progress on rank 0; does nothing on other ranks."""
 
@@ -43,6 +64,10 @@ class RankZeroTracker:
             self.client.set_tag(self.run_id, "world_size", str(world))
             # the fluent run only drives MLflow's system-metrics sampler (CPU, memory, GPU)
             mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self.enabled:
+            self.client.set_tag(self.run_id, key, value)
 
     def log(self, metrics: dict[str, float], step: int, *, epoch: int, stage: str) -> None:
         if self.rank != 0 or step % self.every:
@@ -67,9 +92,14 @@ class RankZeroTracker:
 
     def finish(self, module, state_dict) -> None:
         """Export the final weights (``from_pretrained`` directory) and log them."""
-        target = Path(self.final_dir) if self.final_dir else Path(tempfile.mkdtemp())
+        from dinor1 import storage
+
+        remote = self.final_dir if self.final_dir and storage.is_uri(self.final_dir) else None
+        target = Path(self.final_dir) if self.final_dir and not remote else Path(tempfile.mkdtemp())
         module.save_pretrained(target, state_dict)
-        print(f"[train] final weights: {target}", file=sys.stderr, flush=True)
+        if remote:  # an object-store run folder: export there too
+            storage.upload_dir(target, remote)
+        print(f"[train] final weights: {remote or target}", file=sys.stderr, flush=True)
         if self.enabled:
             import mlflow
 

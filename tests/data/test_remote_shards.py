@@ -5,12 +5,6 @@ which cannot exist here; everything on our side (URI parsing, listing, manifest,
 inspect) is the production code path.
 """
 
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -24,27 +18,8 @@ from tests.helpers import make_coco
 
 
 @pytest.fixture
-def s3_endpoint():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("S3 test server did not start")
-        yield f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+def s3_endpoint(s3_server):
+    yield f"endpoint_override=127.0.0.1:{s3_server}&scheme=http&region=us-east-1"
 
 
 @pytest.mark.ray
