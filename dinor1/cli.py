@@ -293,7 +293,15 @@ def cmd_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow an option (`train JOB.yaml --address A k=v`), which
+    # argparse alone leaves unparsed
+    if extra and (not isinstance(getattr(args, "overrides", None), list)
+                  or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     from dinor1.compare import cmd_compare
     from dinor1.local_cluster import cmd_cluster
 

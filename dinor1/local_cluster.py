@@ -8,8 +8,14 @@ and a custom resource naming it: ``dinor1_node_head``, ``dinor1_node_1``, ...), 
 this cluster) names on its command line, and the MLflow server's PID. ``down`` stops exactly
 those processes, never a machine-wide ``ray stop``, and keeps the MLflow database and artifacts.
 
-Loopback only: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps every Ray port (and gloo's master
-address) on 127.0.0.1; the dashboard, the job API and MLflow bind 127.0.0.1.
+Loopback only: every node is started with ``--node-ip-address 127.0.0.1``, the head with
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (Ray's local-only mode, which also keeps the addresses
+Ray derives by itself on 127.0.0.1). The extra nodes need that variable at 1 (Ray refuses to
+join nodes in local-only mode), and then ``ray start --address 127.0.0.1:P`` would swap
+127.0.0.1 for the machine's network address; so they run Ray's own ``ray start`` with that one
+substitution turned off (:data:`NODE_START`). The dashboard, the job API
+and MLflow bind 127.0.0.1 (``tests/cluster/test_local_cluster.py`` checks every listening
+socket of the cluster).
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ from dinor1.errors import UserError
 
 HOST = "127.0.0.1"
 STATE_NAME = "cluster.json"
+# `ray start` for an extra node, keeping a 127.0.0.1 head address as given (Ray replaces a
+# loopback address with the machine's network address when joining nodes)
+NODE_START = ("import sys; import ray._private.services as services; "
+              "services.resolve_ip_for_localhost = lambda host: host; "
+              "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()")
 
 
 @dataclass
@@ -120,10 +131,25 @@ def load_state(state_dir: str | Path) -> LocalCluster | None:
         raise UserError(f"{path}: not a dinor1 local-cluster state file ({exc})") from None
 
 
+def pids_of_ray(temp_dir: str) -> list[int]:
+    """PIDs of the Ray processes started with ``temp_dir``: those naming it on their command
+    line (GCS, raylets, dashboard, log monitor) and all their descendants (agents and workers
+    rename themselves, e.g. ``ray::DashboardAgent``, so only the process tree finds them)."""
+    import psutil
+
+    out = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True)
+    found = {int(p) for p in out.stdout.split()} - {os.getpid()}
+    for pid in list(found):
+        try:
+            found.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    return sorted(found - {os.getpid()})
+
+
 def ray_pids(cluster: LocalCluster) -> list[int]:
-    """PIDs of this cluster's Ray processes: each names the cluster's own temp dir."""
-    out = subprocess.run(["pgrep", "-f", cluster.ray_temp_dir], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split() if int(p) != os.getpid()]
+    """PIDs of this cluster's Ray processes (see :func:`pids_of_ray`)."""
+    return pids_of_ray(cluster.ray_temp_dir)
 
 
 def _alive(pid: int | None) -> bool:
@@ -138,9 +164,13 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-def _ray_start(args: list[str], env: dict, what: str) -> None:
-    proc = subprocess.run([_bin("ray"), "start", *args], env=env, capture_output=True,
-                          text=True, timeout=180)
+def _ray_start(args: list[str], env: dict, what: str, node: bool = False) -> None:
+    command = [sys.executable, "-c", NODE_START] if node else [_bin("ray")]
+    try:
+        proc = subprocess.run([*command, "start", *args], env=env, capture_output=True,
+                              text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"`ray start` for the {what} did not finish within 180 s") from None
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
         raise RuntimeError(f"`ray start` for the {what} failed:\n" + "\n".join(tail))
@@ -204,7 +234,8 @@ def up(state_dir: str | Path = ".dinor1_cluster", *, nodes: int = 1, head_cpus: 
             resource = f"dinor1_node_{i}"
             log(f"[cluster] Ray node {i} ({node_cpus} CPUs, resource {resource})")
             _ray_start(["--address", cluster.gcs_address,
-                        *_node_args(node_cpus, resource, object_store_mb)], env, f"node {i}")
+                        *_node_args(node_cpus, resource, object_store_mb)],
+                       dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1"), f"node {i}", node=True)
             cluster.nodes.append({"name": f"node{i}", "cpus": node_cpus, "resource": resource})
             _save(cluster)
         if not _wait_http(f"{cluster.dashboard_url}/api/version", 60):

@@ -52,3 +52,16 @@ def test_convert_then_inspect_verifies_checksums(tmp_path):
         f.write(b"XXXX")
     proc = run("data", "inspect", str(out), check_rc=1)
     assert "MISMATCH" in proc.stdout and "shard-000001.tar" in proc.stdout
+
+
+def test_overrides_may_follow_options(capsys):
+    from dinor1.cli import main
+
+    job = str(Path(__file__).parents[1] / "jobs" / "demo.yaml")
+    assert main(["train", job, "--check", "data.batch_size=3", "scaling.num_workers=1"]) == 0
+    out = capsys.readouterr().out
+    assert "batch_size: 3" in out and "num_workers: 1" in out
+    with pytest.raises(SystemExit):
+        main(["train", job, "--check", "--bogus"])
+    with pytest.raises(SystemExit):
+        main(["train", job, "--check", "not-an-override"])

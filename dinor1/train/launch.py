@@ -87,9 +87,11 @@ def _ordered(name: str) -> dict:
 
 def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
     """Start (or resume) the job; returns Ray Train's Result."""
-    if ray_address is None and "RAY_ADDRESS" not in os.environ:
-        # a Ray this process may start itself: loopback only (a driver joining a multi-node
-        # cluster must not pin itself to 127.0.0.1, so that case keeps Ray's default)
+    address = ray_address or os.environ.get("RAY_ADDRESS") or ""
+    if not address or address.split("://")[-1].startswith(("127.0.0.1", "localhost")):
+        # a Ray this process starts itself, or a loopback cluster: Ray's local-only mode keeps
+        # every address on 127.0.0.1. A driver joining a remote multi-node cluster keeps Ray's
+        # default (the cluster configs set the variable to 1 on their nodes and jobs).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import ray

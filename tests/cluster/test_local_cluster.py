@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 
 from data_pipelines.converters import load_coco
@@ -72,6 +73,14 @@ def test_two_node_cluster_spreads_training_workers(tmp_path):
         assert len(nodes) == 2
         assert {r for n in nodes.values() for r in n["resources"] if r.startswith("dinor1_")} \
             == {"dinor1_node_head", "dinor1_node_1"}
+        # every socket the cluster listens on (both Ray nodes and MLflow) is on 127.0.0.1
+        ours = set(local_cluster.ray_pids(cluster))
+        ours |= {p.pid for p in psutil.Process(cluster.mlflow_pid).children(recursive=True)}
+        ours.add(cluster.mlflow_pid)
+        listening = [c for c in psutil.net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN and c.pid in ours]
+        assert len(listening) > 10
+        assert {c.laddr.ip.removeprefix("::ffff:") for c in listening} == {"127.0.0.1"}, listening
 
         steps = 4
         train = _dinor1(
@@ -96,14 +105,18 @@ def test_two_node_cluster_spreads_training_workers(tmp_path):
         assert [w["steps"] for w in workers] == [steps, steps]
         assert len(client.get_metric_history(run.info.run_id, "loss/total")) == steps
         # the shared checkpoint holds both ranks' ZeRO-2 optimiser partitions
-        checkpoints = sorted((tmp_path / "runs" / "spread").glob("checkpoint_*"))
+        checkpoints = sorted(p for p in (tmp_path / "runs" / "spread").glob("checkpoint_*")
+                             if p.is_dir())
         assert checkpoints, list((tmp_path / "runs").rglob("*"))[:20]
         names = {p.name for p in checkpoints[-1].rglob("*optim_states.pt")}
         assert any("rank_0" in n for n in names) and any("rank_1" in n for n in names), names
     finally:
+        pids = local_cluster.ray_pids(cluster) if cluster else []  # incl. agents and workers
         down = _dinor1("cluster", "local", "down", "--state-dir", str(state))
     assert down.returncode == 0, down.stderr[-2000:]
     assert local_cluster.ray_pids(cluster) == []
+    assert not [p for p in pids if psutil.pid_exists(p)
+                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not local_cluster._alive(cluster.mlflow_pid)
     assert not (state / local_cluster.STATE_NAME).exists()
     assert (state / "mlflow.db").exists()  # the runs are kept

@@ -17,6 +17,7 @@ import pytest
 from data_pipelines.converters import load_coco
 from data_pipelines.shard_writer import write_shards
 from data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
+from dinor1.local_cluster import pids_of_ray
 from tests.helpers import free_port, wait_http
 
 ROOT = Path(__file__).parents[2]
@@ -31,16 +32,11 @@ def _env() -> dict:
                 MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
 
 
-def _pids_under(temp_dir: Path) -> list[int]:
-    """Processes of the Ray head started with this temp dir (every Ray process names it)."""
-    out = subprocess.run(["pgrep", "-f", str(temp_dir)], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split() if int(p) != os.getpid()]
-
-
 @pytest.fixture
 def ray_head():
     # a short path of its own: Ray puts unix sockets under it (108-byte limit) and every Ray
-    # process of this head names it, which is how the fixture finds the PIDs to stop
+    # process of this head names it or descends from one that does: how the fixture finds the
+    # PIDs to stop
     temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
     port, dashboard = free_port(), free_port()
     subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
@@ -53,7 +49,7 @@ def ray_head():
         wait_http(f"http://127.0.0.1:{dashboard}/api/version")
         yield f"http://127.0.0.1:{dashboard}"
     finally:
-        for pid in _pids_under(temp_dir):
+        for pid in pids_of_ray(str(temp_dir)):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
