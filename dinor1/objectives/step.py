@@ -82,7 +82,12 @@ class TrainingObjective(nn.Module):
         self._registered = True
 
     def forward(self, batch: dict[str, torch.Tensor], **kwargs):
-        return training_losses(self.net, batch, **kwargs)
+        loss, logs = training_losses(self.net, batch, **kwargs)
+        device = batch["pixel_values"].device.type
+        # 1 when the engine runs this forward under bf16 autocast (deepspeed.precision=bf16)
+        logs["train/autocast_bf16"] = float(torch.is_autocast_enabled(device)
+                                            and torch.get_autocast_dtype(device) == torch.bfloat16)
+        return loss, logs
 
 
 def training_losses(model, batch: dict[str, torch.Tensor], *, stage: str = "sft",

@@ -60,7 +60,10 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "wall_clock_breakdown": False,
     }
     if ds.precision == "bf16":
-        out["bf16"] = {"enabled": True}
+        # mixed precision the PyTorch-AMP way: fp32 weights and optimiser, forward under
+        # torch.autocast(bfloat16) inside the engine (DeepSpeed's bf16 mode would cast the
+        # weights and leave our fp32 inputs and CDN queries unconverted)
+        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif ds.precision == "fp16":
         out["fp16"] = {"enabled": True}
     return out

@@ -47,6 +47,7 @@ def test_sft_then_grqo_tracked_in_mlflow(ray_cluster, shards, tmp_path):
     assert run.data.params["deepspeed.zero_stage"] == "2"
     assert run.data.params["model.init"] == "tiny-cpu"
     assert run.data.tags["world_size"] == "2"
+    assert {m.value for m in client.get_metric_history(run_id, "train/autocast_bf16")} == {0.0}
     history = [m.value for m in client.get_metric_history(run_id, "loss/total")]
     # 240 images / (batch 4 x 2 workers) = 30 steps per epoch, SFT then GRQO
     assert len(history) == 60 and all(v == v for v in history)  # finite, every step
@@ -63,14 +64,15 @@ def test_sft_then_grqo_tracked_in_mlflow(ray_cluster, shards, tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_zero3_grqo_step_with_reference(ray_cluster, shards, tmp_path):
-    """ZeRO-3 partitions the weights: the reference is built from gathered ones and the GRQO
+    """ZeRO-3 (and bf16) partitions the weights: the reference is built from gathered ones and the GRQO
     step (which reads some parameters directly) runs; the exported weights are complete; the
     end-of-epoch evaluation (every rank forwards its val split) runs on the partitioned model."""
     from dinor1.train.launch import run_training
 
     cfg = load_train_config(ROOT / "jobs" / "demo.yaml", [
         f"data.train_shards={shards}", "data.train_short_sides=[96]", "data.train_max_size=96",
-        "deepspeed.zero_stage=3", "stages.sft_epochs=0", "stages.grqo_epochs=1",
+        "deepspeed.zero_stage=3", "deepspeed.precision=bf16",
+        "stages.sft_epochs=0", "stages.grqo_epochs=1",
         "stages.max_steps_per_epoch=2", f"checkpointing.storage_path={tmp_path}",
         "mlflow.log_every_steps=1", "eval.every_epochs=1", f"data.val_shards={shards}",
         f"eval.support_shards={shards}", "data.eval_short_side=96", "data.eval_max_size=96",
@@ -86,6 +88,8 @@ def test_zero3_grqo_step_with_reference(ray_cluster, shards, tmp_path):
     grqo = client.get_metric_history(run_id, "loss/grqo")
     assert len(grqo) == 2 and all(m.value == m.value for m in grqo)
     assert client.get_metric_history(run_id, "reference/param_megabytes")[0].value > 0
+    # bf16: fp32 weights, the forward under torch.autocast inside the DeepSpeed engine
+    assert [m.value for m in client.get_metric_history(run_id, "train/autocast_bf16")] == [1, 1]
     exported = DinoR1.from_pretrained(str(tmp_path / "demo" / "final_model"))
     assert all(p.numel() > 0 for p in exported.parameters())
 
