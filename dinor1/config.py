@@ -198,6 +198,12 @@ class TrainConfig(StrictModel):
             raise ValueError("eval.every_epochs needs data.val_shards (or eval.shards)")
         if (self.scaling.min_workers is None) != (self.scaling.max_workers is None):
             raise ValueError("scaling.min_workers and scaling.max_workers go together")
+        if self.scaling.min_workers and self.deepspeed.zero_stage > 0:
+            # measured: DeepSpeed refuses ZeRO-1/2/3 optimiser shards saved at another
+            # data-parallel size, so the first resize would fail the run
+            raise ValueError("scaling.min_workers/max_workers (an elastic worker count) need "
+                             "deepspeed.zero_stage=0: ZeRO-1/2/3 checkpoints cannot be loaded "
+                             "at another worker count; use a fixed scaling.num_workers")
         if self.deepspeed.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("deepspeed.precision fp16 needs scaling.use_gpu (use bf16 or fp32)")
         return self

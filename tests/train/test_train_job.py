@@ -147,3 +147,13 @@ def test_config_errors_are_one_line(override, message, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("dinor1: error:") and message in last and "Traceback" not in proc.stderr
+
+
+def test_elastic_workers_need_zero_stage_0():
+    from dinor1.errors import UserError
+
+    elastic = ["scaling.min_workers=1", "scaling.max_workers=4"]
+    with pytest.raises(UserError, match="deepspeed.zero_stage=0"):
+        load_train_config(ROOT / "jobs" / "demo.yaml", elastic)
+    cfg = load_train_config(ROOT / "jobs" / "demo.yaml", [*elastic, "deepspeed.zero_stage=0"])
+    assert (cfg.scaling.min_workers, cfg.scaling.max_workers) == (1, 4)
