@@ -406,9 +406,9 @@ def main(argv=None) -> None:
     print("FLOPs: matmul/conv/attention only (grid_sample, elementwise, matcher not counted). "
           "'ref uses params': what ReferenceModel's forward (backbone, VPE, feature enhancer, "
           "proposal head) touches; 'ref holds': the full fp32 copy it keeps on every worker.")
-    print("bf16 note: the bf16 trace casts the CDN reference boxes to bf16 and feeds bf16 pixels;"
-          " the training code does neither today, so deepspeed.precision=bf16 fails (README "
-          "'Scaling out').")
+    print("bf16 note: the bf16 trace is a bf16-weights model (CDN reference boxes and pixels cast "
+          "to bf16); training's deepspeed.precision=bf16 is fp32 weights + torch.autocast "
+          "(bf16 activations, fp32 model states), see README 'Scaling out'.")
 
     factors = {"sft": 1.0, "grqo": 1.0}  # peak / saved-for-backward (1.0 with --no-measure)
     if not args.no_measure:
