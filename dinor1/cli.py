@@ -239,9 +239,18 @@ def cmd_train(args) -> int:
     if args.check:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
+    from ray.train import TrainingFailedError
+
     from dinor1.train.launch import run_training
 
-    result = run_training(cfg, ray_address=args.address)
+    try:
+        result = run_training(cfg, ray_address=args.address)
+    except TrainingFailedError as exc:  # the workers' root cause, on one line
+        if args.debug:
+            raise
+        print(f"dinor1: training failed: {str(exc).strip().splitlines()[-1].strip()}",
+              file=sys.stderr)
+        return 1
     return 0 if result.error is None else 1
 
 

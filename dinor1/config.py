@@ -141,6 +141,17 @@ class CheckpointSection(StrictModel):
     start_from: str | None = None
 
 
+class FaultsSection(StrictModel):
+    """What a run does about bad steps (and hooks to rehearse it)."""
+
+    # a step whose loss is NaN/inf on any worker is skipped on all of them (no backward, no
+    # optimiser step), counted and logged; this many in a row stop the run
+    max_consecutive_nonfinite: int = Field(5, gt=0)
+    # fault injection for tests and drills: these batches (1-based, counted from the start of
+    # each attempt) get a NaN loss on rank 0
+    inject_nonfinite_batches: list[int] = Field(default_factory=list)
+
+
 class MLflowSection(StrictModel):
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite in storage_path
     experiment: str = "dinor1"
@@ -189,6 +200,7 @@ class TrainConfig(StrictModel):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     checkpointing: CheckpointSection = Field(default_factory=CheckpointSection)
+    faults: FaultsSection = Field(default_factory=FaultsSection)
     mlflow: MLflowSection = Field(default_factory=MLflowSection)
     eval: EvalSection = Field(default_factory=EvalSection)
 

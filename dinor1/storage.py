@@ -111,3 +111,14 @@ def local_copy(location: str) -> Path:
     except OSError:  # another process finished first
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def files(location: str) -> list[tuple[str, int]]:
+    """(name, size) of the files directly in the folder at ``location`` ([] if missing)."""
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(location)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    return [(i.base_name, i.size) for i in fs.get_file_info(pafs.FileSelector(path))
+            if i.type == pafs.FileType.File]

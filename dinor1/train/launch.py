@@ -57,22 +57,56 @@ def mlflow_run(cfg: TrainConfig, storage: Path | str, name: str, uri: str) -> st
     return run.info.run_id
 
 
+def checkpoint_problem(location: str) -> str | None:
+    """Why the checkpoint folder at ``location`` is not complete, or None when it is: its
+    trainer state parses, and the DeepSpeed files of every rank it names are there (a save
+    interrupted while files were being copied must not pass for a checkpoint)."""
+    import json
+
+    from dinor1 import storage as store
+    from dinor1.train.loop import CHECKPOINT_TAG, STATE_NAME
+
+    try:
+        state = json.loads(store.read_text(store.join(location, STATE_NAME)))
+    except (OSError, FileNotFoundError, ValueError) as exc:
+        return f"{STATE_NAME} unreadable ({type(exc).__name__})"
+    files = [name for name, _ in store.files(store.join(location, CHECKPOINT_TAG))]
+    if not any(name.endswith("model_states.pt") for name in files):
+        return f"no DeepSpeed model states in {CHECKPOINT_TAG}/"
+    if state.get("zero_stage", 0) > 0:
+        for rank in range(state.get("world_size", 1)):
+            if not any(f"zero_pp_rank_{rank}_" in n and n.endswith("optim_states.pt")
+                       for n in files):
+                return f"rank {rank}'s optimizer partition is missing"
+    return None
+
+
 def latest_checkpoint(path: str | Path) -> str:
     """A checkpoint folder as is, or the newest complete checkpoint of a run folder (local or
-    object store)."""
+    object store); incomplete ones (an interrupted save) are skipped, and named."""
     from dinor1 import storage as store
     from dinor1.train.loop import STATE_NAME
 
     location = str(path) if store.is_uri(path) else str(Path(path).expanduser().resolve())
     if store.exists(store.join(location, STATE_NAME)):
+        problem = checkpoint_problem(location)
+        if problem:
+            raise UserError(f"checkpointing.start_from: {location} is incomplete: {problem}")
         return location
-    found = [(name, mtime) for name, mtime in store.subfolders(location, "checkpoint_")
-             if store.exists(store.join(location, name, STATE_NAME))]
-    if not found:
-        raise UserError(f"checkpointing.start_from: no checkpoint in {location}")
     # Ray names checkpoints by time; local folders also carry a trustworthy mtime
-    newest = max(found, key=lambda f: (f[1], f[0]) if not store.is_uri(location) else f[0])
-    return store.join(location, newest[0])
+    found = sorted(store.subfolders(location, "checkpoint_"),
+                   key=lambda f: (f[1], f[0]) if not store.is_uri(location) else f[0])
+    skipped = []
+    for name, _ in reversed(found):
+        problem = checkpoint_problem(store.join(location, name))
+        if problem is None:
+            if skipped:
+                print(f"[train] skipped incomplete checkpoints: {'; '.join(skipped)}",
+                      file=sys.stderr)
+            return store.join(location, name)
+        skipped.append(f"{name} ({problem})")
+    detail = f" (incomplete: {'; '.join(skipped)})" if skipped else ""
+    raise UserError(f"checkpointing.start_from: no complete checkpoint in {location}{detail}")
 
 
 def _ordered(name: str) -> dict:

@@ -10,6 +10,7 @@ writes its shard) plus the reference model, reported with ``ray.train.report`` a
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -75,6 +76,19 @@ def state_checksums(engine, reference) -> dict[str, float]:
     if reference is not None:
         sums["reference"] = weight_checksum(reference.model.state_dict())
     return sums
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a NaN/inf loss (``faults.max_consecutive_nonfinite``)."""
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on EVERY worker (one all-reduce), so all skip alike."""
+    bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0],
+                       device=loss.device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return bad.item() == 0.0
 
 
 def _empty_loss(engine) -> torch.Tensor:
@@ -160,11 +174,13 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as folder:
             engine.save_checkpoint(folder, tag=CHECKPOINT_TAG)
             if rank == 0:
-                payload = dict(state, mlflow_run_id=config.get("mlflow_run_id"))
+                payload = dict(state, mlflow_run_id=config.get("mlflow_run_id"),
+                               world_size=world, zero_stage=cfg.deepspeed.zero_stage)
                 if reference is not None:
                     save_weights(reference.model, Path(folder) / REFERENCE_NAME)
                     payload["reference_refresh_step"] = reference.last_refresh_step
                 (Path(folder) / STATE_NAME).write_text(json.dumps(payload))
+            state["saved_step"] = state["step"]
             sums = state_checksums(engine, reference)
             tracker.log_now({f"checkpoint/{k}_checksum": v for k, v in sums.items()},
                             state["step"])
@@ -172,6 +188,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     metrics: dict[str, float] = {}
     start_epoch = state["epoch"]
+    state.setdefault("nonfinite_steps", 0)
+    streak: list[int] = []  # batches of the current run of non-finite losses
+    batches_seen = 0  # in this attempt (fault injection counts these)
     for epoch in range(start_epoch, len(stages)):
         stage = stages[epoch]
         if stage == "grqo":
@@ -208,6 +227,27 @@ def train_loop_per_worker(config: dict) -> None:
                 loss, logs = engine(batch, stage=stage, settings=objective,
                                     reference=reference if stage == "grqo" else None,
                                     generator=generator)
+            batches_seen += 1
+            if batches_seen in cfg.faults.inject_nonfinite_batches and rank == 0:
+                loss = loss * float("nan")  # a rehearsed fault (faults.inject_nonfinite_batches)
+            if not _all_finite(loss):  # on every rank: all of them skip this step together
+                state["nonfinite_steps"] += 1
+                streak.append(batches_seen)
+                tracker.log_now({"train/nonfinite_steps": float(state["nonfinite_steps"])},
+                                step + 1)
+                if rank == 0:
+                    print(f"[train] non-finite loss at step {step + 1}: step skipped "
+                          f"({len(streak)} in a row, {state['nonfinite_steps']} in all)",
+                          file=sys.stderr, flush=True)
+                if len(streak) >= cfg.faults.max_consecutive_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{len(streak)} consecutive non-finite losses after step {step} "
+                        f"(faults.max_consecutive_nonfinite="
+                        f"{cfg.faults.max_consecutive_nonfinite}); the last good checkpoint is "
+                        f"the newest one in the run folder (step {state.get('saved_step', 0)})")
+                wait_start = time.perf_counter()
+                continue
+            streak.clear()
             engine.backward(loss)
             engine.step()
             state["step"] = step = step + 1

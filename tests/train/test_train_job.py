@@ -138,6 +138,8 @@ def test_resume_restores_state_into_the_same_mlflow_run(ray_cluster, shards, tmp
     ("data.batch_size=four", "'data.batch_size'"),
     ("grqo.form=ppo", "'grqo.form'"),
     ("data.train_shards=/nonexistent/shards", "not found"),
+    ("data.batch_size=0", "'data.batch_size'"),
+    ("scaling.min_workers=2", "scaling.min_workers and scaling.max_workers go together"),
 ])
 def test_config_errors_are_one_line(override, message, tmp_path):
     proc = subprocess.run(
