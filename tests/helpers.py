@@ -85,3 +85,16 @@ def wait_http(url: str, seconds: float = 60) -> None:
         except OSError:
             time.sleep(0.3)
     raise TimeoutError(url)
+
+
+def subprocess_env(**extra: str) -> dict:
+    """Environment for the project's commands run by tests: this venv first on PATH, loopback
+    Ray without auth tokens, no MLflow telemetry or job-execution workers."""
+    import os
+    import sys
+    from pathlib import Path
+
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
+                MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+                **extra)

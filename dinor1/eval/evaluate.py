@@ -275,7 +275,8 @@ def evaluate(cfg: TrainConfig, *, log_mlflow: bool = True) -> EvalOutcome:
         scorer = "lvis" if dataset_name.lower().startswith("lvis") else "coco"
     source = resolve_checkpoint(cfg.eval.checkpoint)
     storage, name, uri = resolve_paths(cfg)
-    out_dir = Path(cfg.eval.out_dir or local_output_dir(storage, name, "eval")).expanduser().resolve()
+    out_dir = Path(cfg.eval.out_dir or local_output_dir(storage, name, "eval"))
+    out_dir = out_dir.expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
         ray.init(configure_logging=False)

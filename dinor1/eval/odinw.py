@@ -51,7 +51,8 @@ def evaluate_odinw(cfg: TrainConfig, *, log_mlflow: bool = True):
 
     datasets = find_odinw_shard_sets(cfg.eval.shards)
     storage, name, uri = resolve_paths(cfg)
-    out_dir = Path(cfg.eval.out_dir or local_output_dir(storage, name, "eval")).expanduser().resolve()
+    out_dir = Path(cfg.eval.out_dir or local_output_dir(storage, name, "eval"))
+    out_dir = out_dir.expanduser().resolve()
     metrics: dict[str, float] = {}
     per_mode: dict[str, dict[str, float]] = {}
     modes = {}

@@ -3,7 +3,6 @@
 (STRICT_SPREAD) and checkpoint to a shared local path. Everything is stopped by `down`."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -18,20 +17,14 @@ from data_pipelines.shard_writer import write_shards
 from data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
 from dinor1 import local_cluster
 from dinor1.errors import UserError
-from tests.helpers import free_port
+from tests.helpers import free_port, subprocess_env
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
 
 
-def _env() -> dict:
-    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
-                MLFLOW_DISABLE_TELEMETRY="true")
-
-
 def _dinor1(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "dinor1"), *args], env=_env(), capture_output=True,
+    return subprocess.run([str(BIN / "dinor1"), *args], env=subprocess_env(), capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
 
 

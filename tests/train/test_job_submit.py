@@ -18,18 +18,12 @@ from data_pipelines.converters import load_coco
 from data_pipelines.shard_writer import write_shards
 from data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
 from dinor1.local_cluster import pids_of_ray
-from tests.helpers import free_port, wait_http
+from tests.helpers import free_port, subprocess_env, wait_http
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
 
 
-
-
-def _env() -> dict:
-    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
-                MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
 
 
 @pytest.fixture
@@ -44,7 +38,7 @@ def ray_head():
                     str(dashboard), "--dashboard-agent-listen-port", str(free_port()),
                     "--num-cpus", "4", "--temp-dir", str(temp_dir),
                     "--include-dashboard", "true", "--disable-usage-stats"],
-                   env=_env(), check=True, capture_output=True, timeout=120)
+                   env=subprocess_env(), check=True, capture_output=True, timeout=120)
     try:
         wait_http(f"http://127.0.0.1:{dashboard}/api/version")
         yield f"http://127.0.0.1:{dashboard}"
@@ -64,7 +58,7 @@ def mlflow_server(tmp_path):
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(f"http://127.0.0.1:{port}/health")
         yield f"http://127.0.0.1:{port}"
@@ -91,8 +85,8 @@ def test_ray_job_submit_demo_job(ray_head, mlflow_server, tmp_path):
         f"mlflow.tracking_uri={mlflow_server}", "mlflow.log_every_steps=1",
     ]
     for _ in range(10):  # a fresh head's job agent takes a few seconds to register
-        proc = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=540,
-                              cwd=ROOT)
+        proc = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True,
+                              timeout=540, cwd=ROOT)
         if "No available agent" not in proc.stderr:
             break
         time.sleep(3)

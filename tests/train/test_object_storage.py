@@ -6,7 +6,6 @@ The bucket is a real S3-compatible server (moto's, on 127.0.0.1) standing in for
 credentials come from the environment, as on a cluster with instance roles."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
 from dinor1 import storage
 from dinor1.config import load_train_config, resolve_paths
 from dinor1.errors import UserError
+from tests.helpers import subprocess_env
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
@@ -42,9 +42,7 @@ def test_object_store_storage_needs_a_tracking_server(monkeypatch):
 
 
 def _train(tmp_path, location: str, tracking: str, *extra: str):
-    env = dict(os.environ, **CREDENTIALS, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
-               MLFLOW_DISABLE_TELEMETRY="true")
+    env = subprocess_env(**CREDENTIALS)
     return subprocess.run(
         [str(BIN / "dinor1"), "train", "jobs/demo.yaml", f"data.train_shards={tmp_path / 'shards'}",
          "data.train_short_sides=[96]", "data.train_max_size=96", "stages.max_steps_per_epoch=2",

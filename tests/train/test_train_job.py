@@ -64,9 +64,10 @@ def test_sft_then_grqo_tracked_in_mlflow(ray_cluster, shards, tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_zero3_grqo_step_with_reference(ray_cluster, shards, tmp_path):
-    """ZeRO-3 (and bf16) partitions the weights: the reference is built from gathered ones and the GRQO
-    step (which reads some parameters directly) runs; the exported weights are complete; the
-    end-of-epoch evaluation (every rank forwards its val split) runs on the partitioned model."""
+    """ZeRO-3 (here in bf16) partitions the weights: the reference is built from gathered ones
+    and the GRQO step (which reads some parameters directly) runs; the exported weights are
+    complete; the end-of-epoch evaluation (every rank forwards its val split) runs on the
+    partitioned model."""
     from dinor1.train.launch import run_training
 
     cfg = load_train_config(ROOT / "jobs" / "demo.yaml", [
