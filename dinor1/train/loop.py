@@ -130,6 +130,7 @@ def train_loop_per_worker(config: dict) -> None:
     from dinor1.objectives.reference import ReferenceModel, full_state_dict, unwrap
     from dinor1.objectives.step import TrainingObjective
     from dinor1.train.optim import deepspeed_config, lr_factor, parameter_groups, set_lr
+    from dinor1.train.safe_load import use_weights_only_loading
     from dinor1.train.tracking import RankZeroTracker, gather_placements
 
     cfg = TrainConfig.model_validate(config["train"])
@@ -143,6 +144,7 @@ def train_loop_per_worker(config: dict) -> None:
     wrapped = TrainingObjective(model)
     engine, optimizer, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer,
                                                    config=deepspeed_config(cfg))
+    use_weights_only_loading(engine)  # resuming never unpickles code
     if cfg.deepspeed.zero_stage == 3:
         wrapped.register_for_zero3()
     base_lrs = [g["lr"] for g in optimizer.param_groups]
