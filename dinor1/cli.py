@@ -90,6 +90,14 @@ def _add_bench_commands(sub) -> None:
     steps.add_argument("overrides", nargs="*", metavar="key=value")
 
 
+def _add_job_arguments(parser) -> None:
+    """CONFIG, key=value overrides and --address: what every job-running command takes."""
+    parser.add_argument("config", help="job YAML, e.g. jobs/demo.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: RAY_ADDRESS or a new local Ray)")
+
+
 def _add_eval_commands(sub) -> None:
     from dinor1.compare import add_compare_parser
 
@@ -102,10 +110,7 @@ def _add_eval_commands(sub) -> None:
         "eval.prompt_modes=[generic,text] eval.max_images=100. Metrics go to a new MLflow run "
         "linked to the training run; artifacts to eval.out_dir.",
     )
-    ev.add_argument("config", help="job YAML, e.g. jobs/demo.yaml")
-    ev.add_argument("overrides", nargs="*", metavar="key=value")
-    ev.add_argument("--address", default=None,
-                    help="Ray cluster address (default: RAY_ADDRESS or a new local Ray)")
+    _add_job_arguments(ev)
     ev.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     pred = sub.add_parser(
         "predict",
@@ -146,10 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. data.batch_size=8 deepspeed.zero_stage=3. Unknown keys and bad values fail "
         "before anything starts.",
     )
-    train.add_argument("config", help="job YAML, e.g. jobs/demo.yaml")
-    train.add_argument("overrides", nargs="*", metavar="key=value")
-    train.add_argument("--address", default=None,
-                       help="Ray cluster address (default: RAY_ADDRESS or a new local Ray)")
+    _add_job_arguments(train)
     train.add_argument("--check", action="store_true",
                        help="validate and print the resolved config, then exit")
     _add_eval_commands(sub)

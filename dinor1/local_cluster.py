@@ -91,7 +91,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]
@@ -106,7 +107,8 @@ def _check_port(port: int, flag: str) -> None:
                             f"(choose another with {flag})") from None
 
 
-def _wait_http(url: str, seconds: float) -> bool:
+def wait_http(url: str, seconds: float) -> bool:
+    """Poll ``url`` until it answers; False after ``seconds``."""
     deadline = time.time() + seconds
     while time.time() < deadline:
         try:
@@ -181,10 +183,10 @@ def _node_args(cpus: float, resource: str, object_store_mb: int) -> list[str]:
     return ["--node-ip-address", HOST, "--num-cpus", str(int(cpus)),
             "--resources", json.dumps({resource: 1}),
             "--object-store-memory", str(object_store_mb * 1024 * 1024),
-            "--dashboard-agent-listen-port", str(_free_port()),
-            "--dashboard-agent-grpc-port", str(_free_port()),
-            "--metrics-export-port", str(_free_port()),
-            "--runtime-env-agent-port", str(_free_port()),
+            "--dashboard-agent-listen-port", str(free_port()),
+            "--dashboard-agent-grpc-port", str(free_port()),
+            "--metrics-export-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port()),
             "--disable-usage-stats"]
 
 
@@ -226,7 +228,7 @@ def up(state_dir: str | Path = ".dinor1_cluster", *, nodes: int = 1, head_cpus: 
             f"{cluster.dashboard_url})")
         _ray_start(["--head", "--port", str(port), "--dashboard-host", HOST,
                     "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
-                    "--temp-dir", temp_dir, "--ray-client-server-port", str(_free_port()),
+                    "--temp-dir", temp_dir, "--ray-client-server-port", str(free_port()),
                     *_node_args(head_cpus, "dinor1_node_head", object_store_mb)], env, "head")
         cluster.nodes.append({"name": "head", "cpus": head_cpus, "resource": "dinor1_node_head"})
         _save(cluster)  # from here on `down` can clean up even if the rest fails
@@ -238,13 +240,12 @@ def up(state_dir: str | Path = ".dinor1_cluster", *, nodes: int = 1, head_cpus: 
                        dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1"), f"node {i}", node=True)
             cluster.nodes.append({"name": f"node{i}", "cpus": node_cpus, "resource": resource})
             _save(cluster)
-        if not _wait_http(f"{cluster.dashboard_url}/api/version", 60):
+        if not wait_http(f"{cluster.dashboard_url}/api/version", 60):
             raise RuntimeError(f"the Ray dashboard did not answer at {cluster.dashboard_url}")
         deadline = time.time() + 60
-        while len(alive_nodes(cluster)) < nodes + 1:
+        while (alive := len(alive_nodes(cluster))) < nodes + 1:
             if time.time() > deadline:
-                raise RuntimeError(f"only {len(alive_nodes(cluster))} of {nodes + 1} Ray nodes "
-                                   "registered within 60 s")
+                raise RuntimeError(f"only {alive} of {nodes + 1} Ray nodes registered within 60 s")
             time.sleep(0.5)
         if mlflow_port:
             log(f"[cluster] MLflow server on http://{HOST}:{mlflow_port} (sqlite "
@@ -259,7 +260,7 @@ def up(state_dir: str | Path = ".dinor1_cluster", *, nodes: int = 1, head_cpus: 
             log_file.close()
             cluster.mlflow_port, cluster.mlflow_pid = mlflow_port, proc.pid
             _save(cluster)
-            if not _wait_http(f"{cluster.mlflow_uri}/health", 90):
+            if not wait_http(f"{cluster.mlflow_uri}/health", 90):
                 raise RuntimeError(f"MLflow did not answer at {cluster.mlflow_uri}/health "
                                    f"(log: {state / 'mlflow-server.log'})")
     except BaseException:
@@ -325,9 +326,9 @@ def status(state_dir: str | Path = ".dinor1_cluster") -> dict:
     if cluster is None:
         return {"running": False, "state_dir": str(Path(state_dir).resolve())}
     pids = ray_pids(cluster)
-    dashboard = _wait_http(f"{cluster.dashboard_url}/api/version", 2) if pids else False
+    dashboard = wait_http(f"{cluster.dashboard_url}/api/version", 2) if pids else False
     nodes = alive_nodes(cluster) if dashboard else []
-    mlflow_ok = bool(cluster.mlflow_uri) and _wait_http(f"{cluster.mlflow_uri}/health", 2)
+    mlflow_ok = bool(cluster.mlflow_uri) and wait_http(f"{cluster.mlflow_uri}/health", 2)
     return {"running": bool(pids), "state_dir": cluster.state_dir,
             "gcs_address": cluster.gcs_address, "dashboard": cluster.dashboard_url,
             "dashboard_ok": dashboard, "ray_processes": len(pids), "nodes": nodes,

@@ -29,25 +29,16 @@ def s3_server():
     that cannot exist here; yields its port. Stopped by PID."""
     import subprocess
     import sys
-    import time
-    import urllib.request
     from pathlib import Path
 
-    from tests.helpers import free_port
+    from tests.helpers import free_port, wait_http
 
     port = free_port()
     server = Path(sys.executable).parent / "moto_server"
     proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("S3 test server did not start")
+        wait_http(f"http://127.0.0.1:{port}/", seconds=20)
         yield port
     finally:
         proc.terminate()

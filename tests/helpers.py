@@ -65,26 +65,17 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
 
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (for servers tests start)."""
-    import socket
+    from dinor1.local_cluster import free_port as _free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return _free_port()
 
 
 def wait_http(url: str, seconds: float = 60) -> None:
-    """Poll ``url`` until it answers (a server a test started is up) or time out."""
-    import time
-    import urllib.request
+    """Poll ``url`` until it answers (a server a test started is up) or raise TimeoutError."""
+    from dinor1.local_cluster import wait_http as _wait_http
 
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(url)
+    if not _wait_http(url, seconds):
+        raise TimeoutError(url)
 
 
 def subprocess_env(**extra: str) -> dict:
@@ -98,3 +89,16 @@ def subprocess_env(**extra: str) -> dict:
                 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
                 MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
                 **extra)
+
+
+def synthetic_train_shards(root: Path, num_train: int, samples_per_shard: int) -> Path:
+    """``root/shards``: the synthetic dataset's train split (96 px) written as shards."""
+    from data_pipelines.converters import load_coco
+    from data_pipelines.shard_writer import write_shards
+    from data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
+
+    ann = generate_synthetic_coco(root / "coco", SyntheticConfig(
+        image_size=96, num_train=num_train, num_val=1, num_support=1))["train"]
+    write_shards(load_coco(ann, root / "coco" / "images" / "train"), root / "shards",
+                 samples_per_shard=samples_per_shard, progress=False)
+    return root / "shards"

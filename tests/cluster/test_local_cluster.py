@@ -12,12 +12,9 @@ import mlflow
 import psutil
 import pytest
 
-from data_pipelines.converters import load_coco
-from data_pipelines.shard_writer import write_shards
-from data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
 from dinor1 import local_cluster
 from dinor1.errors import UserError
-from tests.helpers import free_port, subprocess_env
+from tests.helpers import free_port, subprocess_env, synthetic_train_shards
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
@@ -44,10 +41,7 @@ def test_up_refuses_a_busy_port_and_down_without_state(tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_node_cluster_spreads_training_workers(tmp_path):
-    ann = generate_synthetic_coco(tmp_path / "coco", SyntheticConfig(
-        image_size=96, num_train=48, num_val=1, num_support=1))["train"]
-    write_shards(load_coco(ann, tmp_path / "coco" / "images" / "train"), tmp_path / "shards",
-                 samples_per_shard=12, progress=False)
+    synthetic_train_shards(tmp_path, 48, 12)
     state = tmp_path / "state"
     ports = {"port": free_port(), "dashboard": free_port(), "mlflow": free_port()}
     up = _dinor1("cluster", "local", "up", "--state-dir", str(state), "--nodes", "1",

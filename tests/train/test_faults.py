@@ -10,10 +10,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from data_pipelines.converters import load_coco
-from data_pipelines.shard_writer import write_shards
-from data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
 from dinor1.config import load_train_config
+from tests.helpers import synthetic_train_shards
 
 ROOT = Path(__file__).parents[2]
 
@@ -21,11 +19,7 @@ ROOT = Path(__file__).parents[2]
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("faults")
-    ann = generate_synthetic_coco(out / "coco", SyntheticConfig(
-        image_size=96, num_train=64, num_val=1, num_support=1))["train"]
-    write_shards(load_coco(ann, out / "coco" / "images" / "train"), out / "shards",
-                 samples_per_shard=16, progress=False)
-    return out / "shards"
+    return synthetic_train_shards(out, 64, 16)
 
 
 def _config(shards, tmp_path, *extra):

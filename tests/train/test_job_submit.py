@@ -14,11 +14,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from data_pipelines.converters import load_coco
-from data_pipelines.shard_writer import write_shards
-from data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
 from dinor1.local_cluster import pids_of_ray
-from tests.helpers import free_port, subprocess_env, wait_http
+from tests.helpers import free_port, subprocess_env, synthetic_train_shards, wait_http
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
@@ -70,10 +67,7 @@ def mlflow_server(tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_job_submit_demo_job(ray_head, mlflow_server, tmp_path):
-    ann = generate_synthetic_coco(tmp_path / "coco", SyntheticConfig(
-        image_size=96, num_train=80, num_val=1, num_support=1))["train"]
-    write_shards(load_coco(ann, tmp_path / "coco" / "images" / "train"), tmp_path / "shards",
-                 samples_per_shard=20, progress=False)
+    synthetic_train_shards(tmp_path, 80, 20)
     # the documented command (README "Running on a Ray cluster"), with small overrides
     command = [
         str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(ROOT),

@@ -14,13 +14,10 @@ import mlflow
 import pyarrow.fs as pafs
 import pytest
 
-from data_pipelines.converters import load_coco
-from data_pipelines.shard_writer import write_shards
-from data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
 from dinor1 import storage
 from dinor1.config import load_train_config, resolve_paths
 from dinor1.errors import UserError
-from tests.helpers import subprocess_env
+from tests.helpers import subprocess_env, synthetic_train_shards
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
@@ -61,10 +58,7 @@ def test_training_checkpoints_to_s3_and_branches_from_there(tmp_path, s3_server,
     query = f"endpoint_override=127.0.0.1:{s3_server}&scheme=http"
     pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{s3_server}", scheme="http",
                       allow_bucket_creation=True).create_dir("bucket")
-    ann = generate_synthetic_coco(tmp_path / "coco", SyntheticConfig(
-        image_size=96, num_train=32, num_val=1, num_support=1))["train"]
-    write_shards(load_coco(ann, tmp_path / "coco" / "images" / "train"), tmp_path / "shards",
-                 samples_per_shard=8, progress=False)
+    synthetic_train_shards(tmp_path, 32, 8)
     location = f"s3://bucket/runs?{query}"
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
 

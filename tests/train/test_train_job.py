@@ -8,11 +8,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from data_pipelines.converters import load_coco
-from data_pipelines.shard_writer import write_shards
-from data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
 from dinor1.config import load_train_config
 from dinor1.model.dino_r1 import DinoR1
+from tests.helpers import synthetic_train_shards
 
 ROOT = Path(__file__).parents[2]
 
@@ -20,11 +18,7 @@ ROOT = Path(__file__).parents[2]
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    ann = generate_synthetic_coco(out / "coco", SyntheticConfig(
-        image_size=96, num_train=240, num_val=1, num_support=1))["train"]
-    write_shards(load_coco(ann, out / "coco" / "images" / "train"), out / "shards",
-                 samples_per_shard=40, progress=False)
-    return out / "shards"
+    return synthetic_train_shards(out, 240, 40)
 
 
 @pytest.mark.ray
