@@ -158,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     from dinor1.local_cluster import add_cluster_parser
 
     add_cluster_parser(sub)
+    ml = sub.add_parser("mlflow", help="MLflow helpers")
+    msub = ml.add_subparsers(dest="mlflow_command", required=True, metavar="COMMAND")
+    sync = msub.add_parser(
+        "sync", help="send what a training run kept while its MLflow server was unreachable",
+        description="PATH is a spool file or a folder of them (a run's mlflow_spool/, named by "
+        "the training log when the server was still down at the end).")
+    sync.add_argument("path", metavar="PATH")
+    sync.add_argument("--tracking-uri", default=None,
+                      help="default: the URI the run logged to (stored in the spool file)")
     demo = sub.add_parser(
         "demo",
         help="the embedded default end to end: synthetic data -> shards -> SFT prefix, then "
@@ -303,6 +312,28 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_mlflow(args) -> int:
+    from dinor1.train.tracking import spool_files, sync_spool
+
+    path = Path(args.path).expanduser()
+    if not path.exists():
+        raise UserError(f"{path}: no such spool file or folder")
+    files = spool_files(path)
+    if not files:
+        print(f"dinor1: nothing to sync in {path}", file=sys.stderr)
+    for spool in files:
+        try:
+            run_id, count = sync_spool(spool, args.tracking_uri)
+        except (UserError, ValueError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - MLflow/requests raise many types
+            raise UserError(f"{spool}: not sent ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:300]}); the file is kept") from exc
+        print(f"dinor1: {spool.name}: {count} records sent to MLflow run {run_id}",
+              file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -318,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {"data": cmd_data, "bench": cmd_bench, "train": cmd_train, "demo": cmd_demo,
                 "eval": cmd_eval, "predict": cmd_predict, "compare": cmd_compare,
-                "cluster": cmd_cluster}
+                "cluster": cmd_cluster, "mlflow": cmd_mlflow}
     try:
         return handlers[args.command](args)
     except (UserError, FileNotFoundError, ValueError) as exc:

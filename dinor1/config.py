@@ -41,6 +41,11 @@ class DataConfig(StrictModel):
     keep_crowd: bool = False
     seed: int = 0
     shuffle_files: bool = True
+    # train batches reach each worker in the same order on every run with the same seed (Ray
+    # Data's preserve_order): what makes a restart from a checkpoint replay exactly the batches
+    # an uninterrupted run would have seen. Off by default: ordered streaming can stall on a
+    # slow block.
+    preserve_order: bool = False
     local_shuffle_buffer: int = Field(256, ge=0)
     prefetch_batches: int = Field(2, ge=0)
     decode_concurrency: int | None = Field(None, gt=0)
@@ -145,11 +150,14 @@ class FaultsSection(StrictModel):
     """What a run does about bad steps (and hooks to rehearse it)."""
 
     # a step whose loss is NaN/inf on any worker is skipped on all of them (no backward, no
-    # optimiser step), counted and logged; this many in a row stop the run
+    # optimiser step), as is one whose gradients are (no optimiser step); both are counted and
+    # logged, and this many in a row stop the run
     max_consecutive_nonfinite: int = Field(5, gt=0)
     # fault injection for tests and drills: these batches (1-based, counted from the start of
     # each attempt) get a NaN loss on rank 0
     inject_nonfinite_batches: list[int] = Field(default_factory=list)
+    # ... and these get a finite loss but NaN gradients on rank 0 (caught after the backward)
+    inject_nonfinite_grad_batches: list[int] = Field(default_factory=list)
 
 
 class MLflowSection(StrictModel):
@@ -157,6 +165,9 @@ class MLflowSection(StrictModel):
     experiment: str = "dinor1"
     run_name: str | None = None
     log_every_steps: int = Field(10, gt=0)
+    # if the tracking server is unreachable when training ends, wait this long for it before
+    # reporting what was not delivered (kept in a spool file for `dinor1 mlflow sync`)
+    final_sync_seconds: float = Field(60.0, ge=0)
     register_model: str | None = None
 
 

@@ -102,3 +102,33 @@ def synthetic_train_shards(root: Path, num_train: int, samples_per_shard: int) -
     write_shards(load_coco(ann, root / "coco" / "images" / "train"), root / "shards",
                  samples_per_shard=samples_per_shard, progress=False)
     return root / "shards"
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite + artifact folder under ``root``) that a
+    test can stop and start again on the same port (an outage). Stopped by PID."""
+
+    def __init__(self, root: Path, port: int | None = None):
+        self.root, self.port = Path(root), port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self, seconds: float = 60) -> MlflowServer:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+             "--port", str(self.port), "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--artifacts-destination", str(self.root / "server-artifacts"), "--workers", "1"],
+            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_http(f"{self.uri}/health", seconds)
+        return self
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # the parent stops its workers
+            self.proc.wait(timeout=30)
+        self.proc = None

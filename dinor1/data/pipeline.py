@@ -102,7 +102,10 @@ def detection_dataset(
 ) -> ray.data.Dataset:
     """A Ray Dataset of decoded samples (see :class:`~dinor1.data.transforms.DecodeSample`)."""
     shard_set = locations if isinstance(locations, ShardSet) else open_shard_set(locations)
-    shuffle = FileShuffleConfig(seed=cfg.seed) if train and cfg.shuffle_files else None
+    shuffle = None
+    if train and cfg.shuffle_files:  # with preserve_order: the same file order every epoch, so
+        # an attempt restarted mid-run (its first execution) reads what the lost one would have
+        shuffle = FileShuffleConfig(seed=cfg.seed, reseed_after_execution=not cfg.preserve_order)
     source = ShardDatasource(shard_set.paths, filesystem=shard_set.filesystem, shuffle=shuffle)
     # One read task per shard file: the datasource already streams small blocks (64 rows), and
     # letting Ray split reads further (its default on small clusters) halved throughput here.

@@ -13,6 +13,7 @@ import yaml
 from dinor1.config import TrainConfig, experiment_id, resolve_paths  # noqa: F401 (re-exported)
 from dinor1.errors import UserError
 from dinor1.storage import join
+from dinor1.train.checkpoints import latest_checkpoint
 
 
 def _git_commit() -> str:
@@ -57,66 +58,13 @@ def mlflow_run(cfg: TrainConfig, storage: Path | str, name: str, uri: str) -> st
     return run.info.run_id
 
 
-def checkpoint_problem(location: str) -> str | None:
-    """Why the checkpoint folder at ``location`` is not complete, or None when it is: its
-    trainer state parses, and the DeepSpeed files of every rank it names are there (a save
-    interrupted while files were being copied must not pass for a checkpoint)."""
-    import json
-
-    from dinor1 import storage as store
-    from dinor1.train.loop import CHECKPOINT_TAG, STATE_NAME
-
-    try:
-        state = json.loads(store.read_text(store.join(location, STATE_NAME)))
-    except (OSError, FileNotFoundError, ValueError) as exc:
-        return f"{STATE_NAME} unreadable ({type(exc).__name__})"
-    files = [name for name, _ in store.files(store.join(location, CHECKPOINT_TAG))]
-    if not any(name.endswith("model_states.pt") for name in files):
-        return f"no DeepSpeed model states in {CHECKPOINT_TAG}/"
-    if state.get("zero_stage", 0) > 0:
-        for rank in range(state.get("world_size", 1)):
-            if not any(f"zero_pp_rank_{rank}_" in n and n.endswith("optim_states.pt")
-                       for n in files):
-                return f"rank {rank}'s optimizer partition is missing"
-    return None
-
-
-def latest_checkpoint(path: str | Path) -> str:
-    """A checkpoint folder as is, or the newest complete checkpoint of a run folder (local or
-    object store); incomplete ones (an interrupted save) are skipped, and named."""
-    from dinor1 import storage as store
-    from dinor1.train.loop import STATE_NAME
-
-    location = str(path) if store.is_uri(path) else str(Path(path).expanduser().resolve())
-    if store.exists(store.join(location, STATE_NAME)):
-        problem = checkpoint_problem(location)
-        if problem:
-            raise UserError(f"checkpointing.start_from: {location} is incomplete: {problem}")
-        return location
-    # Ray names checkpoints by time; local folders also carry a trustworthy mtime
-    found = sorted(store.subfolders(location, "checkpoint_"),
-                   key=lambda f: (f[1], f[0]) if not store.is_uri(location) else f[0])
-    skipped = []
-    for name, _ in reversed(found):
-        problem = checkpoint_problem(store.join(location, name))
-        if problem is None:
-            if skipped:
-                print(f"[train] skipped incomplete checkpoints: {'; '.join(skipped)}",
-                      file=sys.stderr)
-            return store.join(location, name)
-        skipped.append(f"{name} ({problem})")
-    detail = f" (incomplete: {'; '.join(skipped)})" if skipped else ""
-    raise UserError(f"checkpointing.start_from: no complete checkpoint in {location}{detail}")
-
-
-def _ordered(name: str) -> dict:
-    """Ray Train ingest options: ``name`` read in order (every rank builds the same generic
-    prompts from it), the rest as Ray Train's defaults."""
+def _ordered(*names: str) -> dict:
+    """Ray Train ingest options: ``names`` read in order, the rest as Ray Train's defaults."""
     from ray.train import DataConfig
 
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
-    return {name: options}
+    return {name: options for name in names}
 
 
 def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
@@ -132,6 +80,7 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from dinor1.config import local_output_dir
     from dinor1.data.pipeline import detection_dataset, open_shard_set
     from dinor1.train.loop import train_loop_per_worker
 
@@ -173,7 +122,10 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
         train_loop_config={
             "train": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "tracking_uri": uri,
             "total_steps": per_epoch * epochs if per_epoch else None,
+            "run_folder": join(storage, name),
             "final_model_dir": join(storage, name, "final_model"),
+            # rank 0 keeps what it logs during an MLflow outage here (see tracking.MlflowWriter)
+            "mlflow_spool_dir": str(local_output_dir(storage, name, "mlflow_spool")),
             "eval_categories": eval_categories, "start_from": start,
         },
         scaling_config=ScalingConfig(
@@ -183,7 +135,9 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
         datasets=datasets,
         # the support set goes whole to every worker; train and val are split between them
         dataset_config=DataConfig(datasets_to_split=["train", "val"],
-                                  execution_options=_ordered("support")),
+                                  # every rank builds the same generic prompts from support
+                                  execution_options=_ordered(
+                                      "support", *(["train"] if cfg.data.preserve_order else []))),
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name, storage_path=str(storage),

@@ -13,13 +13,12 @@ import json
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import torch
 
-CHECKPOINT_TAG = "ds"
-STATE_NAME = "trainer_state.json"
-REFERENCE_NAME = "reference.safetensors"
+from dinor1.train.checkpoints import CHECKPOINT_TAG, REFERENCE_NAME, STATE_NAME
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
@@ -79,7 +78,35 @@ def state_checksums(engine, reference) -> dict[str, float]:
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps with a NaN/inf loss (``faults.max_consecutive_nonfinite``)."""
+    """Too many consecutive steps with a NaN/inf loss or gradients
+    (``faults.max_consecutive_nonfinite``)."""
+
+
+class _PoisonGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss with non-finite gradients (fault drills)."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _gradients_finite(engine, zero_stage: int) -> bool:
+    """Before ``engine.step()``: whether this step's gradients are finite. ZeRO-1/2/3 check this
+    themselves (across ranks) and skip the step, so only ZeRO-0 is checked here, on the already
+    all-reduced (hence identical on every rank) gradients. A bad ZeRO-0 step has its gradients
+    dropped (the caller then skips ``engine.step()``), so every weight stays as it was."""
+    if zero_stage > 0:
+        return True
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+        return True
+    for p in engine.module.parameters():
+        p.grad = None
+    return False
 
 
 def _all_finite(loss: torch.Tensor) -> bool:
@@ -95,6 +122,45 @@ def _empty_loss(engine) -> torch.Tensor:
     """A zero loss touching every parameter: keeps the workers' collectives in lock step when
     one of them drew a batch whose samples were all corrupt."""
     return sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
+
+
+def _broadcast(value, rank: int):
+    """Rank 0's ``value`` on every rank."""
+    box = [value if rank == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _restore_point(config: dict, rank: int):
+    """The checkpoint this attempt starts from (the same on every rank), or None.
+
+    This run's own newest checkpoint first: the newer of the one Ray Train registered (after a
+    restart) and the newest complete one in the run folder (a worker lost between the save and
+    Ray's registration of it must not cost those steps); else ``start_from`` (branching off
+    another run). Rank 0 decides.
+    """
+    import ray.train
+
+    from dinor1.train.checkpoints import checkpoint_step, newest_complete
+
+    registered = ray.train.get_checkpoint()
+    choice = None
+    if rank == 0:
+        folder, step, _ = newest_complete(config["run_folder"]) if config.get("run_folder") \
+            else ("", -1, [])
+        ray_step = checkpoint_step(Path(registered.path).name) if registered else None
+        if registered is not None and (ray_step is None or ray_step >= step):
+            choice = ("registered", None)
+        elif folder:
+            choice = ("folder", folder)
+        elif config.get("start_from"):
+            choice = ("folder", config["start_from"])
+    choice = _broadcast(choice, rank)
+    if choice is None:
+        return None
+    if choice[0] == "registered":
+        return registered
+    return ray.train.Checkpoint(choice[1])  # a folder or a URI
 
 
 def _evaluate(cfg, engine, config: dict, tracker, step: int, epoch: int) -> None:
@@ -129,6 +195,8 @@ def train_loop_per_worker(config: dict) -> None:
     from dinor1.model.dino_r1 import load_weights, save_weights
     from dinor1.objectives.reference import ReferenceModel, full_state_dict, unwrap
     from dinor1.objectives.step import TrainingObjective
+    from dinor1.storage import join
+    from dinor1.train.checkpoints import checkpoint_dir_name, mark_complete
     from dinor1.train.optim import deepspeed_config, lr_factor, parameter_groups, set_lr
     from dinor1.train.safe_load import use_weights_only_loading
     from dinor1.train.tracking import RankZeroTracker, gather_placements
@@ -151,9 +219,9 @@ def train_loop_per_worker(config: dict) -> None:
     stages = ["sft"] * cfg.stages.sft_epochs + ["grqo"] * cfg.stages.grqo_epochs
     state = {"step": 0, "epoch": 0, "skipped_samples": 0}
     reference = None
-    checkpoint = ray.train.get_checkpoint()  # this run's own latest (after a restart) first
-    if checkpoint is None and config.get("start_from"):  # a new run branching off another's
-        checkpoint = ray.train.Checkpoint(config["start_from"])  # a folder or a URI
+    checkpoint = _restore_point(config, rank)
+    attempt = _broadcast(uuid.uuid4().hex[:8], rank)  # names this attempt's checkpoints
+    saved_in_attempt: list[int] = []
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
@@ -173,6 +241,9 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
 
     def save(metrics: dict) -> None:
+        # (the end of training right after a periodic save is a second save at that step)
+        name = checkpoint_dir_name(state["step"],
+                                   f"{attempt}_{saved_in_attempt.count(state['step'])}")
         with tempfile.TemporaryDirectory() as folder:
             engine.save_checkpoint(folder, tag=CHECKPOINT_TAG)
             if rank == 0:
@@ -183,10 +254,16 @@ def train_loop_per_worker(config: dict) -> None:
                     payload["reference_refresh_step"] = reference.last_refresh_step
                 (Path(folder) / STATE_NAME).write_text(json.dumps(payload))
             state["saved_step"] = state["step"]
+            saved_in_attempt.append(state["step"])
             sums = state_checksums(engine, reference)
             tracker.log_now({f"checkpoint/{k}_checksum": v for k, v in sums.items()},
                             state["step"])
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=name)
+        # every rank's files are uploaded once all reports returned: only now is it complete
+        torch.distributed.barrier()
+        if rank == 0 and config.get("run_folder"):
+            mark_complete(join(config["run_folder"], name), state["step"], world)
 
     metrics: dict[str, float] = {}
     start_epoch = state["epoch"]
@@ -206,10 +283,13 @@ def train_loop_per_worker(config: dict) -> None:
         # Ray's streaming split may hand a worker different blocks than last time)
         skip = state.pop("steps_in_epoch", 0) if epoch == start_epoch else 0
         steps_this_epoch = skip
+        cap = cfg.stages.max_steps_per_epoch
+        if cap and skip >= cap:  # saved at this epoch's last step: nothing left of it to train
+            skip = 0
         batches = iter_detection_batches(shard, cfg.data, train=True, epoch=epoch)
         wait_start = time.perf_counter()
         wait_total = compute_total = 0.0
-        for batch in batches:
+        for batch in batches if not (cap and steps_this_epoch >= cap) else ():
             if skip:
                 skip -= 1
                 wait_start = time.perf_counter()
@@ -230,28 +310,49 @@ def train_loop_per_worker(config: dict) -> None:
                                     reference=reference if stage == "grqo" else None,
                                     generator=generator)
             batches_seen += 1
-            if batches_seen in cfg.faults.inject_nonfinite_batches and rank == 0:
-                loss = loss * float("nan")  # a rehearsed fault (faults.inject_nonfinite_batches)
+            if rank == 0:  # rehearsed faults (faults.inject_*)
+                if batches_seen in cfg.faults.inject_nonfinite_batches:
+                    loss = loss * float("nan")
+                if batches_seen in cfg.faults.inject_nonfinite_grad_batches:
+                    loss = _PoisonGradient.apply(loss)
+            bad = None
             if not _all_finite(loss):  # on every rank: all of them skip this step together
-                state["nonfinite_steps"] += 1
-                streak.append(batches_seen)
-                tracker.log_now({"train/nonfinite_steps": float(state["nonfinite_steps"])},
+                bad = "loss"
+            else:
+                engine.backward(loss)
+                if not _gradients_finite(engine, cfg.deepspeed.zero_stage):
+                    bad = "gradients"  # (ZeRO-0: dropped, no optimiser step)
+                else:
+                    engine.step()  # ZeRO-1/2/3: DeepSpeed skips a step with non-finite grads
+                    if not engine.was_step_applied():
+                        bad = "gradients"
+            if bad == "gradients" and cfg.deepspeed.precision == "fp16":
+                # fp16 loss scaling: an overflow skips the step and lowers the scale (routine)
+                state["overflow_steps"] = state.get("overflow_steps", 0) + 1
+                tracker.log_now({"train/fp16_overflow_steps": float(state["overflow_steps"])},
                                 step + 1)
+                wait_start = time.perf_counter()
+                continue
+            if bad:
+                state["nonfinite_steps"] += 1
+                key = "nonfinite_grad_steps" if bad == "gradients" else "nonfinite_loss_steps"
+                state[key] = state.get(key, 0) + 1
+                streak.append(batches_seen)
+                tracker.log_now({"train/nonfinite_steps": float(state["nonfinite_steps"]),
+                                 f"train/{key}": float(state[key])}, step + 1)
                 if rank == 0:
-                    print(f"[train] non-finite loss at step {step + 1}: step skipped "
+                    print(f"[train] non-finite {bad} at step {step + 1}: step skipped "
                           f"({len(streak)} in a row, {state['nonfinite_steps']} in all)",
                           file=sys.stderr, flush=True)
                 if len(streak) >= cfg.faults.max_consecutive_nonfinite:
                     raise NonFiniteLossError(
-                        f"{len(streak)} consecutive non-finite losses after step {step} "
-                        f"(faults.max_consecutive_nonfinite="
+                        f"{len(streak)} consecutive non-finite losses or gradients after step "
+                        f"{step} (faults.max_consecutive_nonfinite="
                         f"{cfg.faults.max_consecutive_nonfinite}); the last good checkpoint is "
                         f"the newest one in the run folder (step {state.get('saved_step', 0)})")
                 wait_start = time.perf_counter()
                 continue
             streak.clear()
-            engine.backward(loss)
-            engine.step()
             state["step"] = step = step + 1
             steps_this_epoch += 1
             steps_done += 1
@@ -284,5 +385,5 @@ def train_loop_per_worker(config: dict) -> None:
     tracker.set_tag("dinor1.workers", json.dumps(gather_placements(rank, steps=steps_done)))
     weights = full_state_dict(engine)  # collective under ZeRO-3: every rank takes part
     if rank == 0:
-        tracker.finish(unwrap(engine), weights)
+        tracker.finish(unwrap(engine), weights, state["step"])
     torch.distributed.barrier()

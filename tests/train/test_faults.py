@@ -73,10 +73,32 @@ def test_consecutive_nonfinite_losses_stop_the_run(ray_cluster, shards, tmp_path
     assert len(lines) == 1, proc.stderr[-3000:]
     last = lines[0]
     assert "NonFiniteLossError" in last and "Traceback" not in last
-    assert "3 consecutive non-finite losses after step 4" in last
+    assert "3 consecutive non-finite losses or gradients after step 4" in last
     assert "last good checkpoint is the newest one in the run folder (step 4)" in last
     # the newest checkpoint is the last good one: step 4, written before the bad steps
     states = [json.loads(p.read_text())
               for p in (tmp_path / "demo").glob("checkpoint_*/trainer_state.json")]
     assert max(s["step"] for s in states) == 4
     assert _history(tmp_path, "train/nonfinite_steps")[-1] == (5, 3.0)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_nonfinite_gradients_with_a_finite_loss_are_skipped(ray_cluster, shards, tmp_path,
+                                                            zero_stage):
+    """NaN gradients on rank 0 only, the loss finite: ZeRO-2 (DeepSpeed's own overflow check,
+    across ranks) and ZeRO-0 (dinor1's check of the all-reduced gradients) both skip the
+    optimiser step on every rank; the weights stay finite and the steps are counted."""
+    from dinor1.train.launch import run_training
+
+    result = run_training(_config(shards, tmp_path, f"deepspeed.zero_stage={zero_stage}",
+                                  "faults.inject_nonfinite_grad_batches=[2,5]"))
+    assert result.error is None
+    assert _history(tmp_path, "train/nonfinite_grad_steps") == [(2, 1.0), (4, 2.0)]
+    assert _history(tmp_path, "train/nonfinite_steps") == [(2, 1.0), (4, 2.0)]
+    losses = _history(tmp_path, "loss/total")
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
+    assert all(v == v and abs(v) != float("inf") for _, v in losses)
+    checksums = _history(tmp_path, "checkpoint/weights_checksum")
+    assert checksums and all(v == v and abs(v) != float("inf") for _, v in checksums)

@@ -15,7 +15,7 @@ import mlflow
 import pytest
 
 from dinor1.local_cluster import pids_of_ray
-from tests.helpers import free_port, subprocess_env, synthetic_train_shards, wait_http
+from tests.helpers import MlflowServer, free_port, subprocess_env, synthetic_train_shards, wait_http
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
@@ -50,18 +50,11 @@ def ray_head():
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = MlflowServer(tmp_path).start()
     try:
-        wait_http(f"http://127.0.0.1:{port}/health")
-        yield f"http://127.0.0.1:{port}"
+        yield server.uri
     finally:
-        proc.send_signal(signal.SIGTERM)  # the parent stops its workers
-        proc.wait(timeout=30)
+        server.stop()
 
 
 @pytest.mark.ray
