@@ -90,7 +90,16 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
     storage, name, uri = resolve_paths(cfg)
     if isinstance(storage, Path):
         storage.mkdir(parents=True, exist_ok=True)
-    run_id = mlflow_run(cfg, storage, name, uri)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # seconds, not minutes
+    try:
+        run_id = mlflow_run(cfg, storage, name, uri)
+    except Exception as exc:  # noqa: BLE001 - MLflow wraps connection errors in its own type
+        from dinor1.train.tracking import one_line, rejected
+
+        if rejected(exc) or isinstance(exc, (UserError, OSError)):
+            raise
+        raise UserError(f"mlflow.tracking_uri {uri}: the tracking server does not answer "
+                        f"({one_line(exc)[:200]}); nothing was started") from exc
     if not ray.is_initialized():
         ray.init(address=ray_address, configure_logging=False)
     sc = cfg.scaling

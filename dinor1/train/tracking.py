@@ -20,12 +20,12 @@ SPOOL_SUFFIX = ".mlflow-spool.jsonl"
 MAX_RECORDS_PER_CALL = 1000  # MLflow's log_batch limit for metrics
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:300]}"
 
 
-def _rejected(exc: BaseException) -> bool:
+def rejected(exc: BaseException) -> bool:
     """Whether MLflow refused the write itself (retrying cannot help) rather than being out of
     reach."""
     from mlflow.exceptions import MlflowException
@@ -131,7 +131,7 @@ class MlflowWriter:
         self.outage_since: float | None = None
         self.outage_seconds = 0.0
         self.delayed = 0  # records delivered after an outage
-        self.rejected = 0
+        self.rejected_count = 0
         self.last_error = ""
 
     # -- writes ---------------------------------------------------------------------------
@@ -159,7 +159,7 @@ class MlflowWriter:
         try:
             deliver(self.client, self.run_id, records)
         except Exception as exc:  # noqa: BLE001 - MLflow/requests/sqlite raise many types
-            if _rejected(exc):
+            if rejected(exc):
                 self._report_rejected(records, exc)
                 return
             with self.lock:
@@ -181,7 +181,7 @@ class MlflowWriter:
                 f.writelines(json.dumps(r) + "\n" for r in records)
 
     def _begin_outage(self, exc: BaseException) -> None:
-        self.last_error = _one_line(exc)
+        self.last_error = one_line(exc)
         if self.outage_since is None:
             self.outage_since = time.monotonic()
             print(f"[mlflow] tracking server unreachable ({self.last_error}); training goes on, "
@@ -205,10 +205,10 @@ class MlflowWriter:
             try:
                 deliver(self.client, self.run_id, batch)
             except Exception as exc:  # noqa: BLE001
-                if _rejected(exc):
+                if rejected(exc):
                     self._report_rejected(batch, exc)
                 else:
-                    self.last_error = _one_line(exc)
+                    self.last_error = one_line(exc)
                     backoff = min(backoff * 2, self.max_backoff)
                     continue
             else:
@@ -230,10 +230,10 @@ class MlflowWriter:
                 return
 
     def _report_rejected(self, records: list[dict], exc: BaseException) -> None:
-        self.rejected += len(records)
+        self.rejected_count += len(records)
         print(f"[mlflow] the server rejected {len(records)} record(s) "
               f"({', '.join(sorted({r.get('key', r['kind']) for r in records})[:5])}): "
-              f"{_one_line(exc)}", file=sys.stderr, flush=True)
+              f"{one_line(exc)}", file=sys.stderr, flush=True)
 
     def close(self, timeout: float) -> dict[str, float]:
         """Wait up to ``timeout`` s for kept writes; report what happened (and what was not
@@ -246,7 +246,7 @@ class MlflowWriter:
             left = list(self.pending)
         summary = {"mlflow/outage_seconds": self.outage_seconds,
                    "mlflow/delayed_values": float(self.delayed),
-                   "mlflow/rejected_values": float(self.rejected),
+                   "mlflow/rejected_values": float(self.rejected_count),
                    "mlflow/undelivered_values": float(len(left))}
         if left:
             steps = [r["step"] for r in left if r["kind"] == "metric"]
@@ -328,7 +328,7 @@ class RankZeroTracker:
                 mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
                 self.system_metrics = True
             except Exception as exc:  # noqa: BLE001 - an unreachable server: no sampler
-                print(f"[mlflow] system metrics off for this attempt: {_one_line(exc)}",
+                print(f"[mlflow] system metrics off for this attempt: {one_line(exc)}",
                       file=sys.stderr, flush=True)
 
     def set_tag(self, key: str, value: str) -> None:
@@ -372,7 +372,7 @@ class RankZeroTracker:
             try:
                 mlflow.end_run()  # stops the sampler (and marks the run finished)
             except Exception as exc:  # noqa: BLE001
-                print(f"[mlflow] {_one_line(exc)}", file=sys.stderr, flush=True)
+                print(f"[mlflow] {one_line(exc)}", file=sys.stderr, flush=True)
         self.writer.log_artifacts(str(target), "final_model")
         self.writer.end_run()
         summary = self.writer.close(self.sync_seconds)

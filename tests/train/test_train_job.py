@@ -154,3 +154,21 @@ def test_elastic_workers_need_zero_stage_0():
         load_train_config(ROOT / "jobs" / "demo.yaml", elastic)
     cfg = load_train_config(ROOT / "jobs" / "demo.yaml", [*elastic, "deepspeed.zero_stage=0"])
     assert (cfg.scaling.min_workers, cfg.scaling.max_workers) == (1, 4)
+
+
+def test_unreachable_tracking_server_is_one_line(tmp_path):
+    from dinor1.local_cluster import free_port
+    from tests.helpers import synthetic_train_shards
+
+    shards = synthetic_train_shards(tmp_path, 8, 8)
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "dinor1"), "train", str(ROOT / "jobs" / "demo.yaml"),
+         f"data.train_shards={shards}", f"mlflow.tracking_uri={uri}",
+         f"checkpointing.storage_path={tmp_path / 'runs'}"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"dinor1: error: mlflow.tracking_uri {uri}: the tracking server does "
+                           "not answer") and "nothing was started" in last
+    assert "Traceback" not in proc.stderr
