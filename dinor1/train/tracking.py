@@ -127,6 +127,7 @@ class MlflowWriter:
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
         self.retrying = False  # a retry thread owns ``pending`` (set and cleared under the lock)
+        self.closed = False  # after close(): no more retrying; what is left stays in the spool
         self.max_backoff = max_backoff
         self.outage_since: float | None = None
         self.outage_seconds = 0.0
@@ -187,7 +188,7 @@ class MlflowWriter:
             print(f"[mlflow] tracking server unreachable ({self.last_error}); training goes on, "
                   "metrics are kept and will be sent when it is back", file=sys.stderr,
                   flush=True)
-        if not self.retrying:
+        if not self.retrying and not self.closed:
             self.retrying = True
             self.thread = threading.Thread(target=self._retry, name="mlflow-retry", daemon=True)
             self.thread.start()
@@ -199,7 +200,7 @@ class MlflowWriter:
             self.wake.clear()
             with self.lock:
                 batch = self.pending[:MAX_RECORDS_PER_CALL]
-                if not batch:
+                if not batch or self.closed:
                     self.retrying = False
                     return
             try:
@@ -236,14 +237,18 @@ class MlflowWriter:
               f"{one_line(exc)}", file=sys.stderr, flush=True)
 
     def close(self, timeout: float) -> dict[str, float]:
-        """Wait up to ``timeout`` s for kept writes; report what happened (and what was not
-        delivered: still in the spool file, named on stderr)."""
+        """Wait up to ``timeout`` s for kept writes; report what happened. What was not delivered
+        by then stays in the spool file (named on stderr) and is no longer retried here."""
         deadline = time.monotonic() + timeout
         while self.thread is not None and self.thread.is_alive() and time.monotonic() < deadline:
             self.wake.set()
             self.thread.join(min(1.0, max(0.0, deadline - time.monotonic())))
         with self.lock:
             left = list(self.pending)
+            self.closed = bool(left)  # the retry thread stops; the spool file holds the rest
+            self.wake.set()
+        if self.closed and self.thread is not None:
+            self.thread.join(timeout=30)  # (at most one request in flight)
         summary = {"mlflow/outage_seconds": self.outage_seconds,
                    "mlflow/delayed_values": float(self.delayed),
                    "mlflow/rejected_values": float(self.rejected_count),
