@@ -178,6 +178,13 @@ class QualityCounter:
         self.errors = []
         self._keep_errors(state.get("errors", []))
 
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any], max_errors: int | None = 50):
+        """A counter holding saved counts (see :meth:`load_state_dict`)."""
+        counter = cls(max_errors)
+        counter.load_state_dict(state)
+        return counter
+
     def totals(self) -> QualityCounter:
         """A counter holding the counts summed over all ranks (this rank's messages).
 
@@ -187,8 +194,7 @@ class QualityCounter:
         import torch
         import torch.distributed as dist
 
-        out = QualityCounter(self.max_errors)
-        out.load_state_dict(self.state_dict())
+        out = QualityCounter.from_state_dict(self.state_dict(), self.max_errors)
         if not (dist.is_available() and dist.is_initialized()):
             return out
         device = torch.device("cuda", torch.cuda.current_device()) \

@@ -78,8 +78,7 @@ def test_counter_sums_batches_keeps_first_messages_and_resumes():
         "corrupt_shard: shard s0.tar is truncated or corrupt: x",
         "bad_json: sample 'j1' in s.tar: x"]
     saved = json.loads(json.dumps(quality.state_dict()))
-    resumed = QualityCounter(max_errors=3)
-    resumed.load_state_dict(saved)
+    resumed = QualityCounter.from_state_dict(saved, max_errors=3)
     assert resumed.metrics("data/") == metrics and resumed.errors == quality.errors
     resumed.load_state_dict({"skipped": {"a_kind_from_the_future": 2}})
     assert resumed.skipped["other"] == 2 and resumed.dropped_boxes == 0
