@@ -126,8 +126,10 @@ def build_fuzzed_shards(root: Path, num_good: int = 40) -> tuple[Path, dict]:
         ``skipped_keys`` ({kind: sample keys, or shard file names for ``corrupt_shard``}),
         ``dropped`` ({rule: n} for every rule of ``DROP_RULES``), ``dropped_boxes``,
         ``clipped_boxes``, ``kept_boxes`` (ground-truth boxes after cleaning),
-        ``lost_image_ids`` (after the cut in shard 4: never seen, never counted) and
-        ``categories``. :func:`expected_metrics` turns it into metric names.
+        ``lost_image_ids`` (after the cut in shard 4: never seen, never counted),
+        ``num_rows`` (rows the reader yields: good + skipped; 62 by default, even, so Ray
+        Train's equal split over 2 workers drops none) and ``categories``.
+        :func:`expected_metrics` turns it into metric names.
     """
     if num_good < 16:
         raise ValueError("num_good must be at least 16")
@@ -215,16 +217,18 @@ def build_fuzzed_shards(root: Path, num_good: int = 40) -> tuple[Path, dict]:
         "clipped_boxes": b.clipped,
         "kept_boxes": sum(b.good_boxes.values()),
         "lost_image_ids": lost_ids,
+        "num_rows": len(b.good_boxes) + sum(b.skipped.values()),
         "categories": dict(CATEGORIES),
     }
     return out, expected
 
 
-def expected_metrics(expected: dict, prefix: str = "data/") -> dict[str, float]:
-    """The :meth:`~dinor1.data.quality.QualityCounter.metrics` the shards must produce."""
-    out = {f"{prefix}skipped_samples": float(expected["skipped_samples"])}
-    out.update({f"{prefix}skipped/{k}": float(n) for k, n in expected["skipped"].items()})
-    out[f"{prefix}dropped_boxes"] = float(expected["dropped_boxes"])
-    out.update({f"{prefix}dropped_boxes/{r}": float(n) for r, n in expected["dropped"].items()})
-    out[f"{prefix}clipped_boxes"] = float(expected["clipped_boxes"])
-    return out
+def expected_metrics(expected: dict, prefix: str = "data/", epochs: int = 1) -> dict[str, float]:
+    """The :meth:`~dinor1.data.quality.QualityCounter.metrics` that reading the shards
+    ``epochs`` times must produce."""
+    out = {f"{prefix}skipped_samples": expected["skipped_samples"]}
+    out.update({f"{prefix}skipped/{k}": n for k, n in expected["skipped"].items()})
+    out[f"{prefix}dropped_boxes"] = expected["dropped_boxes"]
+    out.update({f"{prefix}dropped_boxes/{r}": n for r, n in expected["dropped"].items()})
+    out[f"{prefix}clipped_boxes"] = expected["clipped_boxes"]
+    return {k: float(n * epochs) for k, n in out.items()}

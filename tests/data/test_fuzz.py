@@ -110,9 +110,23 @@ def test_fuzzed_shards_yield_the_good_samples_and_exact_counts(ray_cluster, fuzz
     ids, boxes, quality = _read_all(detection_dataset(str(shards), cfg, train=train), cfg,
                                     train=train)
     assert sorted(ids) == expected["good_image_ids"]  # each once, none lost, none bad
+    assert len(ids) + quality.skipped_samples == expected["num_rows"]
     assert boxes == expected["kept_boxes"]
     assert quality.metrics("data/") == expected_metrics(expected, "data/")
     named = {kind: [e for e in quality.errors if skip_kind(e) == kind] for kind in SKIP_KINDS}
     for kind, keys in expected["skipped_keys"].items():
         for key in keys:  # each message names its sample (or shard) and the shard file
             assert sum(key in e and "shard-0000" in e for e in named[kind]) == 1, (kind, key)
+
+
+def test_inspect_reports_fuzzed_shards_without_raising(fuzzed, tmp_path):
+    from dinor1.data.inspect import format_inspect_report, inspect_shards
+
+    shards, expected = fuzzed
+    report = inspect_shards(str(shards), grid_path=str(tmp_path / "grid.png"), grid_samples=64)
+    kinds = {skip_kind(e) for e in report["errors"]}
+    assert {"corrupt_shard", "bad_json", "missing_json", "refused_member"} <= kinds
+    assert "other" not in kinds  # inspect does not decode images: bad_image samples count here
+    assert report["num_samples"] >= len(expected["good_image_ids"])
+    assert (tmp_path / "grid.png").is_file() and "unreadable samples" in \
+        format_inspect_report(report)
