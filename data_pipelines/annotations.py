@@ -66,13 +66,15 @@ def clean_annotations(
     """
     out = []
     for ann in annotations:
-        if ann.get("category_id") not in category_ids:
+        if not _known_category(ann.get("category_id"), category_ids):
             stats["unknown_category"] += 1
             continue
         box = ann.get("bbox")
         try:
+            if not isinstance(box, (list, tuple)):
+                raise TypeError("bbox is not a list")
             x, y, w, h = (float(v) for v in box)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             stats["invalid_box"] += 1
             continue
         if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
@@ -87,14 +89,14 @@ def clean_annotations(
         if clipped:
             stats["clipped_box"] += 1
         cw, ch = x1 - x0, y1 - y0
-        area = ann.get("area")
+        area, crowd = ann.get("area"), ann.get("iscrowd", 0)
         if clipped or not isinstance(area, (int, float)) or not math.isfinite(area) or area <= 0:
             area = cw * ch
         clean = {
             "id": ann.get("id"),
             "bbox": [x0, y0, cw, ch],
             "category_id": int(ann["category_id"]),
-            "iscrowd": int(ann.get("iscrowd", 0) or 0),
+            "iscrowd": int(isinstance(crowd, (int, float)) and bool(crowd)),
             "area": float(area),
         }
         for key, value in ann.items():
@@ -102,3 +104,10 @@ def clean_annotations(
                 clean[key] = value
         out.append(clean)
     return out
+
+
+def _known_category(category_id, category_ids: set[int]) -> bool:
+    try:
+        return category_id in category_ids
+    except TypeError:  # an unhashable id (a list, an object) from a malformed file
+        return False

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from dinor1.data.quality import DROP_RULES, count_kinds, encode_errors
 from dinor1.data.transforms import resized_hw
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -30,16 +31,23 @@ class DetectionCollateFn(NumpyBatchCollateFn):
 
     Returns a dict of tensors (so Ray can move it to the training device)::
 
-        pixel_values  float32 [B, 3, H, W]  normalised, zero-padded to the batch's largest image
-        pixel_mask    int64   [B, H, W]     1 on real pixels, 0 on padding
-        boxes         float32 [N, 4]        all images' boxes, normalised cx, cy, w, h
-        class_labels  int64   [N]           dataset category ids
-        num_boxes     int64   [B]           boxes per image (split ``boxes`` with it)
-        image_ids     int64   [B]
-        orig_sizes    int64   [B, 2]        (height, width) of the stored images
-        sizes         int64   [B, 2]        (height, width) after resizing, before padding
-        num_skipped   int64   []            rows of this batch skipped as corrupt
-        dropped_boxes int64   []            annotations dropped by the cleaning rules
+        pixel_values    float32 [B, 3, H, W]  normalised, zero-padded to the largest image
+        pixel_mask      int64   [B, H, W]     1 on real pixels, 0 on padding
+        boxes           float32 [N, 4]        all images' boxes, normalised cx, cy, w, h
+        class_labels    int64   [N]           dataset category ids
+        num_boxes       int64   [B]           boxes per image (split ``boxes`` with it)
+        image_ids       int64   [B]
+        orig_sizes      int64   [B, 2]        (height, width) of the stored images
+        sizes           int64   [B, 2]        (height, width) after resizing, before padding
+        num_skipped     int64   []            rows of this batch skipped as corrupt
+        dropped_boxes   int64   []            annotations dropped by the cleaning rules
+        skipped_by_kind int64   [K]           skipped rows by kind (``quality.SKIP_KINDS``)
+        dropped_by_rule int64   [R]           dropped annotations by rule (``DROP_RULES``)
+        clipped_boxes   int64   []            boxes clipped to their image (kept)
+        skipped_errors  uint8   [L]           the skipped rows' errors, UTF-8, one per line
+                                              (``quality.decode_errors``; empty when none)
+
+    :class:`~dinor1.data.quality.QualityCounter` sums the last five over batches and ranks.
 
     ``B`` may be 0 when every row of a batch was corrupt; training loops skip such batches.
     """
@@ -95,6 +103,7 @@ class DetectionCollateFn(NumpyBatchCollateFn):
                                   dtype=torch.int64).reshape(-1, 2),
             "num_skipped": torch.tensor(len(errors) - len(keep), dtype=torch.int64),
             "dropped_boxes": torch.tensor(int(np.sum(batch["dropped_boxes"])), dtype=torch.int64),
+            **_quality_counts(batch, [e for e in errors if e]),
         }
 
     def _augment(self, image: torch.Tensor, boxes: torch.Tensor, rng: np.random.Generator):
@@ -133,6 +142,22 @@ class DetectionCollateFn(NumpyBatchCollateFn):
             torch.arange(width)[None, None, :] < widths[:, None, None]
         )
         return pixel_values, pixel_mask.long()
+
+
+def _quality_counts(batch: dict[str, np.ndarray], errors: list[str]) -> dict[str, torch.Tensor]:
+    """Per-kind, per-rule and clipped counts of a batch; rows built without the per-rule
+    columns (single-image prediction) count nothing there."""
+    rules = len(DROP_RULES)
+    dropped = np.zeros(rules, np.int64)
+    if "dropped_by_rule" in batch:
+        dropped = np.array(list(batch["dropped_by_rule"]), np.int64).reshape(-1, rules).sum(0)
+    clipped = int(np.sum(batch["clipped_boxes"])) if "clipped_boxes" in batch else 0
+    return {
+        "skipped_by_kind": torch.tensor(count_kinds(errors), dtype=torch.int64),
+        "dropped_by_rule": torch.from_numpy(dropped),
+        "clipped_boxes": torch.tensor(clipped, dtype=torch.int64),
+        "skipped_errors": encode_errors(errors),
+    }
 
 
 def split_targets(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:

@@ -3,8 +3,11 @@
 Ray's own ``read_webdataset`` raises (and so fails the whole dataset) on a truncated tar, on a
 key whose members are not adjacent, or on duplicate members, and its default decoder would
 unpickle ``.pt``/``.pkl`` members if allowed. This datasource streams each tar itself and turns
-every such problem into a row with a non-empty ``error`` column naming the shard and key; the
-decode step and the collate function skip and count those rows.
+every such problem into a row with a non-empty ``error`` column, ``"<kind>: <message>"`` naming
+the shard and key (kinds: :data:`dinor1.data.quality.SKIP_KINDS`); the decode step and the
+collate function skip and count those rows. A tar that breaks off (mid-member, mid-header, or
+without its end-of-archive marker) keeps the complete samples before the break and adds one
+``corrupt_shard`` row.
 
 Rows (one per sample)::
 
@@ -25,6 +28,7 @@ import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
 from data_pipelines.shard_format import IMAGE_EXTENSIONS, REFUSED_EXTENSIONS
+from dinor1.data.quality import skip_error
 
 _CHUNK_ROWS = 64
 _IMAGE_EXT_ALIASES = {"jpeg": "jpg"}
@@ -34,21 +38,50 @@ def _empty_row(key: str, url: str) -> dict:
     return {"__key__": key, "__url__": url, "image": None, "ext": "", "json": None, "error": ""}
 
 
-def _finish(row: dict) -> dict:
+def _fail(row: dict, kind: str, detail: str) -> None:
+    """Mark ``row`` skipped, unless an earlier problem already did."""
     if not row["error"]:
-        if row["image"] is None:
-            row["error"] = f"sample {row['__key__']!r} in {row['__url__']}: no image member"
-        elif row["json"] is None:
-            row["error"] = f"sample {row['__key__']!r} in {row['__url__']}: no .json member"
+        row["error"] = skip_error(kind, f"sample {row['__key__']!r} in {row['__url__']}: {detail}")
+
+
+def _finish(row: dict) -> dict:
+    if row["image"] is None:
+        _fail(row, "missing_image", "no image member")
+    elif row["json"] is None:
+        _fail(row, "missing_json", "no .json member")
     return row
+
+
+class _HeaderWatch(tarfile.TarInfo):
+    """Remembers why a stream's last header read failed: ``tarfile`` ends iteration quietly on a
+    truncated or invalid header, or when the data stops without the end-of-archive marker."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as exc:
+            tar.dinor1_end = exc
+            raise
+
+
+def _broken_end(stream: tarfile.TarFile) -> str | None:
+    """Why a stream that iterated to its end is incomplete, or None for a proper end."""
+    end = getattr(stream, "dinor1_end", None)
+    if end is None or isinstance(end, tarfile.EOFHeaderError):  # a zero block: the end marker
+        return None
+    if isinstance(end, tarfile.EmptyHeaderError):
+        return "the data stops without the end-of-archive marker"
+    return f"{end} at byte {stream.offset}"
 
 
 def iter_shard_rows(fileobj, url: str) -> Iterator[dict]:
     """Yield one row per sample of a tar stream; problems become rows with ``error`` set."""
     current: dict | None = None
     seen: set[str] = set()
+    broken = None
     try:
-        stream = tarfile.open(fileobj=fileobj, mode="r|")
+        stream = tarfile.open(fileobj=fileobj, mode="r|", tarinfo=_HeaderWatch)
         for member in stream:
             if not member.isreg():
                 continue
@@ -58,32 +91,31 @@ def iter_shard_rows(fileobj, url: str) -> Iterator[dict]:
             if current is None or key != current["__key__"]:
                 if current is not None:
                     yield _finish(current)
+                current = _empty_row(key, url)
                 if key in seen:
-                    current = _empty_row(key, url)
-                    current["error"] = f"sample {key!r} in {url}: members not adjacent in the tar"
-                else:
-                    current = _empty_row(key, url)
+                    _fail(current, "duplicate_member", "members not adjacent in the tar")
                 seen.add(key)
             data = stream.extractfile(member).read()
             if ext in REFUSED_EXTENSIONS:
-                current["error"] = (
-                    f"sample {key!r} in {url}: refusing .{ext} member (shards are never "
-                    "unpickled; store images and JSON only)"
-                )
+                _fail(current, "refused_member", f"refusing .{ext} member (shards are never "
+                      "unpickled; store images and JSON only)")
             elif ext in IMAGE_EXTENSIONS:
                 if current["image"] is not None:
-                    current["error"] = f"sample {key!r} in {url}: two image members"
+                    _fail(current, "duplicate_member", "two image members")
                 current["image"], current["ext"] = data, ext
             elif ext == "json":
                 current["json"] = data
+        broken = _broken_end(stream)
     except (tarfile.TarError, EOFError, OSError) as exc:
-        if current is not None:
-            current["error"] = current["error"] or f"sample {current['__key__']!r} in {url}: {exc}"
-            yield current
-            current = None
-        yield {**_empty_row("", url), "error": f"shard {url} is truncated or corrupt: {exc}"}
+        broken = str(exc) or type(exc).__name__
     if current is not None:
+        if broken and (current["image"] is None or current["json"] is None):
+            _fail(current, "truncated_sample", f"the shard breaks off here ({broken})")
         yield _finish(current)
+    if broken:
+        row = _empty_row("", url)
+        row["error"] = skip_error("corrupt_shard", f"shard {url} is truncated or corrupt: {broken}")
+        yield row
 
 
 class ShardDatasource(FileBasedDatasource):

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from data_pipelines.annotations import clean_annotations
 from dinor1.data.datasource import iter_shard_rows
 from dinor1.data.pipeline import open_shard_set
+from dinor1.data.quality import skip_error
 
 _PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
             (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
@@ -59,12 +61,16 @@ def inspect_shards(location: str, *, grid_path: str | None = None, grid_samples:
                 try:
                     meta = json.loads(row["json"])
                     anns = meta["annotations"]
-                except (ValueError, KeyError) as exc:
-                    report["errors"].append(f"sample {row['__key__']!r} in {path}: {exc}")
+                    if not isinstance(anns, list):
+                        raise TypeError(f"annotations is {type(anns).__name__}, not a list")
+                except (ValueError, KeyError, TypeError) as exc:
+                    report["errors"].append(skip_error(
+                        "bad_json", f"sample {row['__key__']!r} in {path}: bad annotation JSON "
+                        f"({type(exc).__name__}: {exc})"))
                     continue
                 count += 1
                 report["num_boxes"] += len(anns)
-                report["categories"].update(a.get("category_id") for a in anns)
+                report["categories"].update(_category_key(a) for a in anns)
                 seen += 1  # reservoir sampling keeps memory bounded on large sets
                 if len(reservoir) < grid_samples:
                     reservoir.append((row["image"], meta))
@@ -90,6 +96,12 @@ def inspect_shards(location: str, *, grid_path: str | None = None, grid_samples:
     return report
 
 
+def _category_key(annotation) -> object:
+    """An annotation's category id as a histogram key (malformed ones by their repr)."""
+    category = annotation.get("category_id") if isinstance(annotation, dict) else None
+    return category if isinstance(category, (int, str, type(None))) else repr(category)
+
+
 def _draw_grid(samples: list[tuple[bytes, dict]], names: dict, path: str, tile: int = 256):
     cols = max(1, int(len(samples) ** 0.5 + 0.999))
     rows = max(1, -(-len(samples) // cols))
@@ -100,10 +112,14 @@ def _draw_grid(samples: list[tuple[bytes, dict]], names: dict, path: str, tile: 
         except Exception:  # a damaged sample still gets its tile, marked
             img = Image.new("RGB", (tile, tile), (90, 0, 0))
             ImageDraw.Draw(img).text((8, 8), f"undecodable: {meta.get('image_id')}")
+        # the boxes training would use: malformed ones left out, partly outside ones clipped
+        anns = [a for a in meta["annotations"] if isinstance(a, dict)]
+        ids = {c for a in anns if isinstance(c := a.get("category_id"), int)}
+        anns = clean_annotations(anns, img.width, img.height, ids, Counter())
         scale = tile / max(img.size)
         img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))))
         draw = ImageDraw.Draw(img)
-        for ann in meta["annotations"]:
+        for ann in anns:
             x, y, w, h = (v * scale for v in ann["bbox"])
             color = _PALETTE[hash(ann["category_id"]) % len(_PALETTE)]
             draw.rectangle([x, y, x + w, y + h], outline=color, width=2)

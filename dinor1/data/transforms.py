@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines.annotations import clean_annotations
+from dinor1.data.quality import CLIPPED, DROP_RULES, drop_counts, skip_error
 
 
 def resized_hw(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
@@ -48,8 +49,19 @@ def _skipped(row: dict, error: str) -> dict:
         "image_id": np.int64(-1),
         "orig_size": np.zeros((2,), np.int64),
         "dropped_boxes": np.int64(0),
+        "dropped_by_rule": np.zeros((len(DROP_RULES),), np.int64),
+        "clipped_boxes": np.int64(0),
         "extras": "{}",
     }
+
+
+def _image_id(meta) -> int:
+    """The sample's ``image_id``, which must fit int64 (raises KeyError, TypeError, ValueError
+    or OverflowError otherwise)."""
+    image_id = int(meta["image_id"])
+    if not -(2**63) <= image_id < 2**63:
+        raise ValueError(f"image_id {image_id} does not fit int64")
+    return image_id
 
 
 # Per-image fields evaluation needs besides the boxes (LVIS's federated labels), carried through
@@ -71,10 +83,13 @@ class DecodeSample:
         image_id          int64
         orig_size         int64 [2] (height, width) of the stored image
         dropped_boxes     int64 annotations dropped by the cleaning rules
+        dropped_by_rule   int64 [R] the same by rule (``dinor1.data.quality.DROP_RULES``)
+        clipped_boxes     int64 boxes clipped to the image (kept)
         extras            str   JSON of the sample's ``EXTRA_FIELDS`` (LVIS negatives etc.)
 
-    A row that cannot be used gets ``error`` set (naming the shard and key) and placeholder
-    arrays; the collate function skips and counts it.
+    A row that cannot be used gets ``error`` set (``"<kind>: <message>"`` naming the shard and
+    key, see :mod:`dinor1.data.quality`) and placeholder arrays; the collate function skips and
+    counts it.
     """
 
     def __init__(
@@ -110,28 +125,33 @@ class DecodeSample:
         try:
             meta = json.loads(row["json"])
             anns = meta["annotations"]
-            image_id = int(meta["image_id"])
-        except (ValueError, KeyError, TypeError) as exc:
-            return _skipped(row, f"sample {key!r} in {url}: bad annotation JSON ({exc})")
+            if not isinstance(anns, list):
+                raise TypeError(f"annotations is {type(anns).__name__}, not a list")
+            image_id = _image_id(meta)
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            return _skipped(row, skip_error(
+                "bad_json", f"sample {key!r} in {url}: bad annotation JSON ({reason})"))
         try:
             with Image.open(io.BytesIO(row["image"])) as img:
                 img = img.convert("RGB")
         except Exception as exc:  # PIL raises many types for bad bytes
-            return _skipped(row, f"sample {key!r} in {url}: image does not decode ({exc})")
+            return _skipped(row, skip_error(
+                "bad_image", f"sample {key!r} in {url}: image does not decode ({exc})"))
         width, height = img.size
-        stats: Counter = Counter()
+        stats: Counter = Counter(invalid_box=sum(not isinstance(a, dict) for a in anns))
+        anns = [a for a in anns if isinstance(a, dict)]
         valid_ids = self.category_ids
-        if valid_ids is None:
-            valid_ids = {a.get("category_id") for a in anns if isinstance(a, dict)}
-        anns = clean_annotations(
-            (a for a in anns if isinstance(a, dict)), width, height, valid_ids, stats
-        )
+        if valid_ids is None:  # no manifest: every int id seen is a category
+            valid_ids = {c for a in anns if _is_int64(c := a.get("category_id"))}
+        anns = clean_annotations(anns, width, height, valid_ids, stats)
         if not self.keep_crowd:
             anns = [a for a in anns if not a["iscrowd"]]
         boxes = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
         new_h, new_w = resized_hw(height, width, self.short_side, self.max_size)
         if (new_h, new_w) != (height, width):
             img = img.resize((new_w, new_h), Image.BILINEAR)
+        dropped = np.array(drop_counts(stats), np.int64)
         return {
             "key": key,
             "url": url,
@@ -141,8 +161,12 @@ class DecodeSample:
             "labels": np.array([a["category_id"] for a in anns], np.int64),
             "image_id": np.int64(image_id),
             "orig_size": np.array([height, width], np.int64),
-            "dropped_boxes": np.int64(
-                sum(v for k, v in stats.items() if k != "clipped_box")
-            ),
+            "dropped_boxes": np.int64(dropped.sum()),
+            "dropped_by_rule": dropped,
+            "clipped_boxes": np.int64(stats[CLIPPED]),
             "extras": json.dumps({k: meta[k] for k in EXTRA_FIELDS if k in meta}),
         }
+
+
+def _is_int64(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63

@@ -5,7 +5,9 @@ whole support set (read in order, so every rank builds the same prompts), the de
 gathered to rank 0, which scores them with pycocotools and logs ``eval/generic/*`` into the
 training run. Every rank runs the same forward passes, so this also works with ZeRO-3 where the
 weights are partitioned. Shards' LVIS negatives are not carried here: LVIS numbers come from
-``dinor1 eval``.
+``dinor1 eval``. The val set's bad input is counted as in ``dinor1 eval``
+(``eval/skipped/<kind>``, ``eval/dropped_boxes/<rule>``, ...; scoring is against the cleaned
+ground truth); the support set's is not (every rank reads all of it).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from dinor1.data.quality import QualityCounter
 from dinor1.eval.inference import boxes_to_xywh, detect_generic
 from dinor1.model.prompts import build_generic_prompts
 
@@ -34,7 +37,8 @@ def batch_ground_truth(batch: dict) -> tuple[list[dict], list[dict]]:
 
 
 def evaluate_during_training(model, val_batches, support_batches, categories: list[dict], *,
-                             per_class: int, top_k: int, chunk_size: int) -> dict[str, float]:
+                             per_class: int, top_k: int, chunk_size: int,
+                             skipped_errors: list[str] | None = None) -> dict[str, float]:
     """Distributed generic-prompt evaluation; returns the metrics on rank 0, {} elsewhere.
 
     Args:
@@ -42,6 +46,8 @@ def evaluate_during_training(model, val_batches, support_batches, categories: li
         val_batches / support_batches: collated eval batches (this rank's val split; the whole
             support set).
         categories: COCO category entries of the val set (``novel`` marks unseen classes).
+        skipped_errors: if given, rank 0 appends the messages of the val samples skipped (the
+            first 50 of each rank).
     """
     from dinor1.eval.scoring import coco_ground_truth, score_coco
 
@@ -51,9 +57,9 @@ def evaluate_during_training(model, val_batches, support_batches, categories: li
     with torch.no_grad():
         prompts = build_generic_prompts(model, support_batches, names, per_class=per_class,
                                         allow_missing=True)
-    images, annotations, detections, skipped = [], [], [], 0
+    images, annotations, detections, quality = [], [], [], QualityCounter()
     for batch in val_batches:
-        skipped += int(batch["num_skipped"])
+        quality.update(batch)
         if len(batch["image_ids"]) == 0:
             continue
         detections.extend(d for per_image in detect_generic(model, batch, prompts, top_k=top_k,
@@ -63,7 +69,7 @@ def evaluate_during_training(model, val_batches, support_batches, categories: li
         images.extend(more_images)
         annotations.extend(more_annotations)
     model.train(was_training)
-    payload = (images, annotations, detections, skipped)
+    payload = (images, annotations, detections, quality.state_dict())
     if dist.is_available() and dist.is_initialized():
         gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(payload, gathered, dst=0)
@@ -79,5 +85,10 @@ def evaluate_during_training(model, val_batches, support_batches, categories: li
                        novel_category_ids=novel)
     metrics = {f"eval/generic/{k}": float(v) for k, v in score.metrics.items()}
     metrics["eval/images"] = float(len(images))
-    metrics["eval/skipped_samples"] = float(sum(part[3] for part in gathered))
+    total = QualityCounter(max_errors=None)
+    for part in gathered:
+        total.merge(QualityCounter.from_state_dict(part[3]))
+    metrics.update(total.metrics("eval/", reduce=False))
+    if skipped_errors is not None:
+        skipped_errors.extend(total.errors)
     return metrics

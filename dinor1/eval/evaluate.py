@@ -10,6 +10,12 @@ saved as ``generic_prompts.safetensors``), then every actor loads them. Metrics 
 ``eval/<prompt mode>/<metric>`` (``eval/generic/AP50``, ``eval/generic/novel/AP``) and go to a new
 MLflow run tagged ``dinor1.run_kind=eval`` and, when the checkpoint came from a training run,
 ``dinor1.train_run_id`` (``dinor1 compare`` merges the two).
+
+Bad input is skipped, never fatal: the run also logs ``eval/skipped_samples``,
+``eval/skipped/<kind>``, ``eval/dropped_boxes``, ``eval/dropped_boxes/<rule>`` and
+``eval/clipped_boxes`` (:mod:`dinor1.data.quality`), and writes every skipped sample's message to
+``skipped_samples.txt``. Scoring is against the cleaned ground truth: annotations the cleaning
+rules dropped are not in it, and clipped boxes are scored as clipped.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from dinor1.config import TrainConfig, experiment_id, local_output_dir, resolve_paths
+from dinor1.data.quality import QualityCounter
 from dinor1.errors import UserError
 from dinor1.eval.inference import BatchPredictor
 
 PROMPTS_FILE = "generic_prompts.safetensors"
+SKIPPED_FILE = "skipped_samples.txt"
 
 
 @dataclass
@@ -135,6 +143,7 @@ class EvalOutcome:
     images_per_s: float
     scoring_seconds: float
     run_id: str | None = None
+    quality: QualityCounter = field(default_factory=QualityCounter)
 
 
 def predict_shards(cfg: TrainConfig, source: ModelSource, mode: str, *,
@@ -196,6 +205,30 @@ def score_rows(rows: list[dict], categories: list[dict], scorer: str, backend: s
         novel = [c["id"] for c in categories if c.get("novel")]
         result = score_coco(gt, detections, novel_category_ids=novel, backend=backend)
     return result, gt, detections, errors
+
+
+def count_quality(rows: list[dict]) -> QualityCounter:
+    """Rows from :func:`predict_shards` -> skipped samples by kind (every message kept) and the
+    ground-truth boxes cleaning dropped (by rule) or clipped in the rows that were scored."""
+    quality = QualityCounter(max_errors=None)
+    for row in rows:
+        if row["error"]:
+            quality.add_skipped([str(row["error"])])
+        elif "dropped_by_rule" in row:
+            quality.add_boxes(np.asarray(row["dropped_by_rule"]).tolist(),
+                              int(row["clipped_boxes"]))
+    return quality
+
+
+def report_quality(quality: QualityCounter, out_dir: Path) -> None:
+    """Write ``skipped_samples.txt`` (one message per line) and say what scoring left out."""
+    (out_dir / SKIPPED_FILE).write_text("".join(f"{e}\n" for e in quality.errors))
+    kinds = ", ".join(f"{k} {n}" for k, n in quality.skipped.items() if n)
+    rules = ", ".join(f"{r} {n}" for r, n in quality.dropped.items() if n)
+    print(f"[eval] {quality.skipped_samples} samples skipped{f' ({kinds})' if kinds else ''}, "
+          f"listed in {out_dir / SKIPPED_FILE}; scored against the cleaned ground truth: "
+          f"{quality.dropped_boxes} boxes dropped{f' ({rules})' if rules else ''}, "
+          f"{quality.clipped} clipped to the image", file=sys.stderr, flush=True)
 
 
 def _grid_items(cfg: TrainConfig, gt: dict, detections: list[dict], count: int):
@@ -296,17 +329,17 @@ def evaluate(cfg: TrainConfig, *, log_mlflow: bool = True) -> EvalOutcome:
     if "text" in cfg.eval.prompt_modes and not classes:
         raise UserError(f"{location}: no manifest.json with class names for text prompts")
     modes, metrics = {}, {}
-    num_images = num_skipped = 0
-    errors: list[str] = []
+    num_images = 0
+    quality = QualityCounter(max_errors=None)
     predict_seconds = scoring_seconds = 0.0
     for mode in cfg.eval.prompt_modes:
         started = time.perf_counter()
         rows = predict_shards(cfg, source, mode, prompts_path=prompts_path, classes=classes)
         scored = time.perf_counter()
-        score, gt, detections, errors = score_rows(rows, categories, scorer, cfg.eval.backend)
+        score, gt, detections, _ = score_rows(rows, categories, scorer, cfg.eval.backend)
         scoring_seconds += time.perf_counter() - scored
         predict_seconds += scored - started
-        num_images, num_skipped = len(gt["images"]), len(errors)
+        num_images, quality = len(gt["images"]), count_quality(rows)  # the same in every mode
         result = ModeResult(mode, {f"eval/{mode}/{k}": float(v) for k, v in
                                    score.metrics.items()}, score, detections)
         write_artifacts(cfg, result, gt, out_dir)
@@ -316,13 +349,14 @@ def evaluate(cfg: TrainConfig, *, log_mlflow: bool = True) -> EvalOutcome:
                                              result.metrics.items() if "AP" in k),
               file=sys.stderr, flush=True)
     metrics["eval/images"] = float(num_images)
-    metrics["eval/skipped_samples"] = float(num_skipped)
+    metrics.update(quality.metrics("eval/", reduce=False))
+    report_quality(quality, out_dir)
     total = predict_seconds + scoring_seconds
     outcome = EvalOutcome(
         metrics=metrics, modes=modes, out_dir=out_dir, num_images=num_images,
-        num_skipped=num_skipped, skipped_errors=errors,
+        num_skipped=quality.skipped_samples, skipped_errors=quality.errors,
         images_per_s=num_images * len(modes) / max(total, 1e-9),
-        scoring_seconds=scoring_seconds)
+        scoring_seconds=scoring_seconds, quality=quality)
     metrics["eval/images_per_s"] = outcome.images_per_s
     metrics["eval/scoring_fraction"] = scoring_seconds / max(total, 1e-9)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -361,6 +395,8 @@ def log_eval_run(cfg: TrainConfig, uri: str, source: ModelSource, outcome: EvalO
             client.log_artifact(run.info.run_id, str(path), _artifact_dir("eval", path, outcome))
     for path in sorted(outcome.out_dir.rglob(PROMPTS_FILE)):  # one per dataset for ODinW
         client.log_artifact(run.info.run_id, str(path), _artifact_dir("prompts", path, outcome))
+    for path in sorted(outcome.out_dir.rglob(SKIPPED_FILE)):  # one per dataset for ODinW
+        client.log_artifact(run.info.run_id, str(path), _artifact_dir("eval", path, outcome))
     client.log_artifact(run.info.run_id, str(outcome.out_dir / "metrics.json"), "eval")
     client.set_terminated(run.info.run_id)
     return run.info.run_id

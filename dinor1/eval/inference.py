@@ -188,7 +188,8 @@ class BatchPredictor:
 
     Output columns per input row: ``image_id``, ``error`` (empty when used), ``detections``,
     ``image`` and ``annotations`` (JSON strings: results dicts, the COCO image entry, the
-    ground truth this row carried).
+    ground truth this row carried), ``dropped_by_rule`` (int [R]) and ``clipped_boxes`` (the
+    ground-truth boxes cleaning dropped or clipped, see :mod:`dinor1.data.quality`).
     """
 
     def __init__(self, model_source: str, mode: str, data: dict, *,
@@ -230,7 +231,8 @@ class BatchPredictor:
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
                  for k, v in batch.items()}
         detections = iter(self.predict(batch)) if len(batch["image_ids"]) else iter(())
-        out = {"image_id": [], "error": [], "detections": [], "image": [], "annotations": []}
+        out = {"image_id": [], "error": [], "detections": [], "image": [], "annotations": [],
+               "dropped_by_rule": [], "clipped_boxes": []}
         for i, error in enumerate(str(e) for e in rows["error"]):
             image, annotations = ({}, []) if error else ground_truth_of(rows, i)
             out["image_id"].append(int(rows["image_id"][i]))
@@ -238,4 +240,6 @@ class BatchPredictor:
             out["detections"].append(json.dumps([] if error else next(detections)))
             out["image"].append(json.dumps(image))
             out["annotations"].append(json.dumps(annotations))
+            out["dropped_by_rule"].append(np.asarray(rows["dropped_by_rule"][i], np.int64))
+            out["clipped_boxes"].append(int(rows["clipped_boxes"][i]))
         return {k: np.array(v) for k, v in out.items()}

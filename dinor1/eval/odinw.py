@@ -46,6 +46,7 @@ def evaluate_odinw(cfg: TrainConfig, *, log_mlflow: bool = True):
     """Evaluate each ODinW dataset (see the module docstring); returns an ``EvalOutcome``
     whose metrics hold the per-dataset APs and the ODinW means."""
     from dinor1.config import local_output_dir, resolve_paths
+    from dinor1.data.quality import QualityCounter
     from dinor1.eval.evaluate import EvalOutcome, evaluate, log_eval_run, resolve_checkpoint
     from dinor1.eval.scoring import odinw_summary
 
@@ -56,7 +57,8 @@ def evaluate_odinw(cfg: TrainConfig, *, log_mlflow: bool = True):
     metrics: dict[str, float] = {}
     per_mode: dict[str, dict[str, float]] = {}
     modes = {}
-    images = skipped = 0
+    images = 0
+    quality = QualityCounter(max_errors=None)
     seconds = scoring = 0.0
     for dataset, (split, train) in datasets.items():
         if train is None and cfg.eval.generic_prompts is None and \
@@ -70,7 +72,7 @@ def evaluate_odinw(cfg: TrainConfig, *, log_mlflow: bool = True):
         print(f"[eval] ODinW {dataset}", file=sys.stderr, flush=True)
         outcome = evaluate(sub, log_mlflow=False)
         images += outcome.num_images
-        skipped += outcome.num_skipped
+        quality.merge(outcome.quality)
         seconds += outcome.num_images * len(outcome.modes) / max(outcome.images_per_s, 1e-9)
         scoring += outcome.scoring_seconds
         for mode, result in outcome.modes.items():
@@ -81,14 +83,15 @@ def evaluate_odinw(cfg: TrainConfig, *, log_mlflow: bool = True):
     for mode, aps in per_mode.items():
         metrics.update({f"eval/{mode}/{k}": v for k, v in odinw_summary(aps).items()})
         metrics[f"eval/{mode}/odinw/mean_AP"] = sum(aps.values()) / len(aps)
-    metrics.update({"eval/images": float(images), "eval/skipped_samples": float(skipped),
+    metrics.update({"eval/images": float(images), **quality.metrics("eval/", reduce=False),
                     "eval/images_per_s": images * len(per_mode) / max(seconds, 1e-9),
                     "eval/scoring_fraction": scoring / max(seconds, 1e-9)})
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     outcome = EvalOutcome(metrics=metrics, modes=modes, out_dir=out_dir, num_images=images,
-                          num_skipped=skipped, skipped_errors=[],
-                          images_per_s=metrics["eval/images_per_s"], scoring_seconds=scoring)
+                          num_skipped=quality.skipped_samples, skipped_errors=quality.errors,
+                          images_per_s=metrics["eval/images_per_s"], scoring_seconds=scoring,
+                          quality=quality)
     if log_mlflow:
         outcome.run_id = log_eval_run(cfg, uri, resolve_checkpoint(cfg.eval.checkpoint), outcome)
     return outcome

@@ -1,6 +1,7 @@
 """`dinor1 eval` end to end: real Ray Data actors over synthetic shards, real pycocotools, a real
 MLflow sqlite store; and evaluation inside a real Ray Train + DeepSpeed run."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -106,6 +107,7 @@ def test_trained_model_evaluates_end_to_end(ray_cluster, dataset, tmp_path, caps
     assert len(during) == 1 and during[0].step == 8 and 0.0 <= during[0].value <= 1.0
     assert client.get_metric_history(train_run, "eval/images")[0].value == 23
     assert client.get_metric_history(train_run, "eval/skipped_samples")[0].value == 1
+    assert client.get_metric_history(train_run, "eval/skipped/bad_image")[0].value == 1
 
     job = ROOT / "jobs" / "demo.yaml"
     code = main(["eval", str(job), f"checkpoint={tmp_path / 'demo'}",
@@ -173,3 +175,39 @@ def test_odinw_tree_scored_per_dataset(ray_cluster, tmp_path):
     run = client.search_runs([client.get_experiment_by_name("dinor1-demo").experiment_id])[0]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "prompts")} == {
         "prompts/Aquarium", "prompts/pothole"}
+
+
+@pytest.mark.ray
+def test_eval_on_fuzzed_shards_counts_every_bad_input(ray_cluster, tmp_path, capsys):
+    """A tiny untrained model over shards holding every kind of bad input: the job completes,
+    scores exactly the good images against the cleaned ground truth, and the MLflow run and
+    ``skipped_samples.txt`` carry the counts by kind and rule."""
+    from tests.fuzz_shards import build_fuzzed_shards, expected_metrics
+
+    shards, expected = build_fuzzed_shards(tmp_path / "fuzz")
+    code = main(["eval", str(ROOT / "jobs" / "demo.yaml"), "checkpoint=tiny-cpu",
+                 f"data.val_shards={shards}", f"eval.support_shards={shards}",
+                 f"checkpointing.storage_path={tmp_path}", "data.eval_short_side=64",
+                 "data.eval_max_size=96", "eval.prompts_per_class=2", "eval.grid_images=0",
+                 "eval.cpus_per_actor=0.5"])
+    assert code == 0
+    out_dir = tmp_path / "demo" / "eval"
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    want = expected_metrics(expected, "eval/")
+    assert {k: metrics[k] for k in want} == want
+    assert metrics["eval/images"] == len(expected["good_image_ids"])
+    with open(out_dir / "per_category_generic.csv") as f:  # the cleaned boxes, no more
+        assert sum(int(row["num_gt"]) for row in csv.DictReader(f)) == expected["kept_boxes"]
+    lines = (out_dir / "skipped_samples.txt").read_text().splitlines()
+    assert len(lines) == expected["skipped_samples"]
+    for kind, keys in expected["skipped_keys"].items():
+        for key in keys:
+            assert sum(line.startswith(f"{kind}: ") and key in line for line in lines) == 1, key
+    assert "scored against the cleaned ground truth" in capsys.readouterr().err
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("dinor1-demo").experiment_id],
+                             "tags.`dinor1.run_kind` = 'eval'")[0]
+    assert {k: run.data.metrics[k] for k in want} == want
+    assert "eval/skipped_samples.txt" in {a.path for a in client.list_artifacts(run.info.run_id,
+                                                                               "eval")}
