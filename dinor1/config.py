@@ -227,6 +227,8 @@ class TrainConfig(StrictModel):
             raise ValueError("scaling.min_workers/max_workers (an elastic worker count) need "
                              "deepspeed.zero_stage=0: ZeRO-1/2/3 checkpoints cannot be loaded "
                              "at another worker count; use a fixed scaling.num_workers")
+        if self.scaling.gpus_per_worker and not self.scaling.use_gpu:
+            raise ValueError("scaling.gpus_per_worker needs scaling.use_gpu=true")
         if self.deepspeed.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("deepspeed.precision fp16 needs scaling.use_gpu (use bf16 or fp32)")
         return self

@@ -320,11 +320,14 @@ def train_loop_per_worker(config: dict) -> None:
                 bad = "loss"
             else:
                 engine.backward(loss)
-                if not _gradients_finite(engine, cfg.deepspeed.zero_stage):
+                # (between gradient-accumulation boundaries nothing is applied or checked: a
+                # non-finite gradient stays in the sum and is caught at the boundary)
+                boundary = engine.is_gradient_accumulation_boundary()
+                if boundary and not _gradients_finite(engine, cfg.deepspeed.zero_stage):
                     bad = "gradients"  # (ZeRO-0: dropped, no optimiser step)
                 else:
                     engine.step()  # ZeRO-1/2/3: DeepSpeed skips a step with non-finite grads
-                    if not engine.was_step_applied():
+                    if boundary and not engine.was_step_applied():
                         bad = "gradients"
             if bad == "gradients" and cfg.deepspeed.precision == "fp16":
                 # fp16 loss scaling: an overflow skips the step and lowers the scale (routine)

@@ -135,6 +135,9 @@ def test_resume_restores_state_into_the_same_mlflow_run(ray_cluster, shards, tmp
     ("data.train_shards=/nonexistent/shards", "not found"),
     ("data.batch_size=0", "'data.batch_size'"),
     ("scaling.min_workers=2", "scaling.min_workers and scaling.max_workers go together"),
+    ("scaling.gpus_per_worker=1", "scaling.gpus_per_worker needs scaling.use_gpu=true"),
+    ("deepspeed.precision=fp16", "deepspeed.precision fp16 needs scaling.use_gpu"),
+    ("faults.max_consecutive_nonfinite=0", "'faults.max_consecutive_nonfinite'"),
 ])
 def test_config_errors_are_one_line(override, message, tmp_path):
     proc = subprocess.run(
