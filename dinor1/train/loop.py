@@ -118,10 +118,15 @@ def _all_finite(loss: torch.Tensor) -> bool:
     return bad.item() == 0.0
 
 
-def _empty_loss(engine) -> torch.Tensor:
-    """A zero loss touching every parameter: keeps the workers' collectives in lock step when
-    one of them drew a batch whose samples were all corrupt."""
-    return sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
+def _any_empty(batch) -> bool:
+    """Whether any worker's batch has no usable image (one all-reduce). The forward holds
+    collectives (the box-count average; ZeRO-3's parameter gathers), so a worker may skip it
+    only when every worker does."""
+    empty = torch.tensor([float(len(batch["image_ids"]) == 0)],
+                         device=batch["pixel_values"].device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(empty, op=torch.distributed.ReduceOp.MAX)
+    return empty.item() > 0
 
 
 def _broadcast(value, rank: int):
@@ -173,13 +178,16 @@ def _evaluate(cfg, engine, config: dict, tracker, step: int, epoch: int) -> None
 
     started = time.perf_counter()
     data = cfg.data.model_copy(update={"batch_size": cfg.eval.batch_size})
+    skipped: list[str] = []
     metrics = evaluate_during_training(
         unwrap(engine),
         iter_detection_batches(ray.train.get_dataset_shard("val"), data, train=False),
         iter_detection_batches(ray.train.get_dataset_shard("support"), data, train=False),
         config["eval_categories"], per_class=cfg.eval.prompts_per_class, top_k=cfg.eval.top_k,
-        chunk_size=cfg.eval.prompt_chunk_size)
+        chunk_size=cfg.eval.prompt_chunk_size, skipped_errors=skipped)
     if metrics:
+        if skipped:
+            tracker.log_text("".join(f"{e}\n" for e in skipped), "eval/skipped_samples.txt")
         metrics["eval/seconds"] = time.perf_counter() - started
         tracker.log_now(metrics, step)
         print(f"[eval] epoch {epoch} step {step}: AP {metrics['eval/generic/AP']:.3f} "
@@ -192,6 +200,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from dinor1.config import TrainConfig
     from dinor1.data.pipeline import iter_detection_batches
+    from dinor1.data.quality import QualityCounter
     from dinor1.model.dino_r1 import load_weights, save_weights
     from dinor1.objectives.reference import ReferenceModel, full_state_dict, unwrap
     from dinor1.objectives.step import TrainingObjective
@@ -217,7 +226,7 @@ def train_loop_per_worker(config: dict) -> None:
         wrapped.register_for_zero3()
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     stages = ["sft"] * cfg.stages.sft_epochs + ["grqo"] * cfg.stages.grqo_epochs
-    state = {"step": 0, "epoch": 0, "skipped_samples": 0}
+    state = {"step": 0, "epoch": 0}
     reference = None
     checkpoint = _restore_point(config, rank)
     attempt = _broadcast(uuid.uuid4().hex[:8], rank)  # names this attempt's checkpoints
@@ -230,6 +239,9 @@ def train_loop_per_worker(config: dict) -> None:
                 reference = ReferenceModel(engine, cfg.grqo.ref_refresh)
                 load_weights(reference.model, Path(folder) / REFERENCE_NAME)
                 reference.last_refresh_step = state.get("reference_refresh_step", 0)
+    quality = QualityCounter()  # skipped samples and dropped boxes, by kind
+    if rank == 0:  # saved totals are the sums over all ranks: restore them on one rank only
+        quality.load_state_dict(state.get("data_quality", {}))
     tracker = RankZeroTracker(config, rank, world)
     tracker.set_tag("dinor1.workers", json.dumps(gather_placements(rank)))
     steps_done = 0  # by this worker in this attempt (a restart starts again at 0)
@@ -244,6 +256,7 @@ def train_loop_per_worker(config: dict) -> None:
         # (the end of training right after a periodic save is a second save at that step)
         name = checkpoint_dir_name(state["step"],
                                    f"{attempt}_{saved_in_attempt.count(state['step'])}")
+        state["data_quality"] = quality.totals().state_dict()  # collective: every rank
         with tempfile.TemporaryDirectory() as folder:
             engine.save_checkpoint(folder, tag=CHECKPOINT_TAG)
             if rank == 0:
@@ -302,13 +315,15 @@ def train_loop_per_worker(config: dict) -> None:
                     and reference.kind == "steps" and reference.should_refresh(step, False)):
                 reference.refresh(engine, step)
             set_lr(optimizer, base_lrs, lr_factor(step, epoch, cfg))
-            state["skipped_samples"] += int(batch["num_skipped"])
-            if len(batch["image_ids"]) == 0:
-                loss, logs = _empty_loss(engine), {}
-            else:
-                loss, logs = engine(batch, stage=stage, settings=objective,
-                                    reference=reference if stage == "grqo" else None,
-                                    generator=generator)
+            quality.update(batch)
+            if _any_empty(batch):  # a worker drew only corrupt samples: all skip this batch
+                state["empty_batches"] = state.get("empty_batches", 0) + 1
+                tracker.log_now({"train/empty_batches": float(state["empty_batches"])}, step + 1)
+                wait_start = time.perf_counter()
+                continue
+            loss, logs = engine(batch, stage=stage, settings=objective,
+                                reference=reference if stage == "grqo" else None,
+                                generator=generator)
             batches_seen += 1
             if rank == 0:  # rehearsed faults (faults.inject_*)
                 if batches_seen in cfg.faults.inject_nonfinite_batches:
@@ -369,8 +384,9 @@ def train_loop_per_worker(config: dict) -> None:
                 "train/samples_per_s": len(batch["image_ids"]) * world / (done - wait_start),
                 "train/step_seconds": done - wait_start,
                 "train/data_wait_fraction": wait_total / max(wait_total + compute_total, 1e-9),
-                "data/skipped_samples": float(state["skipped_samples"]),
             }
+            if step % cfg.mlflow.log_every_steps == 0:  # the same steps on every rank
+                metrics.update(quality.metrics("data/"))  # collective: every rank
             if reference is not None and stage == "grqo":
                 metrics.update(reference.stats())
             tracker.log(metrics, step, epoch=epoch, stage=stage)
@@ -385,6 +401,10 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.eval.every_epochs and state["epoch"] % cfg.eval.every_epochs == 0:
             _evaluate(cfg, engine, config, tracker, state["step"], epoch)
     save({k: v for k, v in metrics.items() if k.startswith(("loss/total", "train/"))})
+    tracker.log_now(quality.metrics("data/"), state["step"])  # collective: every rank
+    skipped = quality.gather_errors()  # collective: every rank
+    if skipped:
+        tracker.log_text("".join(f"{e}\n" for e in skipped), "data/skipped_samples.txt")
     tracker.set_tag("dinor1.workers", json.dumps(gather_placements(rank, steps=steps_done)))
     weights = full_state_dict(engine)  # collective under ZeRO-3: every rank takes part
     if rank == 0:

@@ -56,6 +56,8 @@ def deliver(client, run_id: str, records: list[dict]) -> None:
             continue
         if kind == "artifacts":
             client.log_artifacts(run_id, records[i]["path"], records[i]["artifact_path"])
+        elif kind == "text":
+            client.log_text(run_id, records[i]["text"], records[i]["artifact_file"])
         elif kind == "end":
             client.set_terminated(run_id)
         i += 1
@@ -146,6 +148,9 @@ class MlflowWriter:
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
         self.write([{"kind": "artifacts", "path": str(local_dir), "artifact_path": artifact_path}])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.write([{"kind": "text", "text": text, "artifact_file": artifact_file}])
 
     def end_run(self) -> None:
         self.write([{"kind": "end"}])
@@ -356,6 +361,11 @@ class RankZeroTracker:
         """Log regardless of the logging interval (rank 0 only)."""
         if self.enabled:
             self.writer.log_metrics(metrics, step)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """A text artifact of the run (rank 0 only)."""
+        if self.enabled:
+            self.writer.log_text(text, artifact_file)
 
     def finish(self, module, state_dict, step: int) -> dict[str, float]:
         """Export the final weights (``from_pretrained`` directory), log them, end the run, and
