@@ -84,10 +84,29 @@ def _add_bench_commands(sub) -> None:
     model.add_argument("--batch-size", type=int, default=4)
     model.add_argument("--image-size", type=int, default=128)
     model.add_argument("--steps", type=int, default=20)
+    model.add_argument("--device", default="cpu", help="cpu or cuda")
+    model.add_argument("--bf16", action="store_true", help="bf16 autocast (as deepspeed bf16)")
     steps = bsub.add_parser("train", help="SFT vs GRQO step time and data-wait fraction, one run")
     steps.add_argument("--steps", type=int, default=40, help="steps per stage")
     steps.add_argument("--work-dir", default=None)
     steps.add_argument("overrides", nargs="*", metavar="key=value")
+    _add_training_bench_commands(bsub)
+
+
+def _add_training_bench_commands(bsub) -> None:
+    over = bsub.add_parser(
+        "overhead", help="Ray Train + DeepSpeed (1 worker) vs a plain PyTorch loop, one run")
+    over.add_argument("--steps", type=int, default=40)
+    over.add_argument("--image-size", type=int, default=128)
+    over.add_argument("--work-dir", default=None)
+    over.add_argument("overrides", nargs="*", metavar="key=value")
+    mem = bsub.add_parser(
+        "memory", help="per-worker peak memory and optimizer state, ZeRO-0/2/3 at 2 workers")
+    mem.add_argument("--steps", type=int, default=6)
+    mem.add_argument("--image-size", type=int, default=128)
+    mem.add_argument("--work-dir", default=None)
+    mem.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="e.g. model.init=swin-t for a model whose optimizer state dominates")
 
 
 def _add_job_arguments(parser) -> None:
@@ -221,11 +240,21 @@ def cmd_bench(args) -> int:
         run_train_benchmark(steps=args.steps, work_dir=args.work_dir,
                             overrides=tuple(args.overrides))
         return 0
+    if args.bench_command in ("overhead", "memory"):
+        from dinor1.bench import train_overhead
+
+        run = (train_overhead.run_overhead_benchmark if args.bench_command == "overhead"
+               else train_overhead.run_memory_benchmark)
+        run(steps=args.steps, image_size=args.image_size, work_dir=args.work_dir,
+            overrides=(f"data.train_short_sides=[{args.image_size}]",
+                       f"data.train_max_size={args.image_size}", *args.overrides))
+        return 0
     if args.bench_command == "model":
         from dinor1.bench.model_step import run_model_benchmark
 
         run_model_benchmark(preset=args.preset, batch_size=args.batch_size,
-                            image_size=args.image_size, steps=args.steps)
+                            image_size=args.image_size, steps=args.steps, device=args.device,
+                            bf16=args.bf16)
         return 0
     from dinor1.bench.data_throughput import run_data_benchmark
 

@@ -61,4 +61,8 @@ def select_queries_by_prompts(token_logits: torch.Tensor, num_queries: int) -> t
         [B, K] token indices, best first.
     """
     objectness = token_logits.max(-1).values
+    if objectness.shape[1] < num_queries:
+        raise ValueError(f"query selection needs at least {num_queries} encoder tokens (the "
+                         f"model's num_queries); these images give {objectness.shape[1]}: use "
+                         "larger images (data.*_short_side(s)) or a model with fewer queries")
     return torch.topk(objectness, num_queries, dim=1).indices

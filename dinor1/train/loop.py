@@ -46,7 +46,10 @@ def _build_model(cfg):
         ffn = preset_config(cfg.model.init).encoder_ffn_dim
     if ffn is not None:
         settings.prompt_encoder_ffn_dim = ffn
-    return DinoR1.from_pretrained(cfg.model.init, settings)
+    model = DinoR1.from_pretrained(cfg.model.init, settings)
+    if cfg.model.freeze_text_encoder:
+        model.gdino.model.text_backbone.requires_grad_(False)
+    return model
 
 
 def tensor_checksum(obj) -> float:
@@ -75,6 +78,35 @@ def state_checksums(engine, reference) -> dict[str, float]:
     if reference is not None:
         sums["reference"] = weight_checksum(reference.model.state_dict())
     return sums
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor inside nested dicts/lists (e.g. an optimiser state dict)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def memory_use(engine) -> dict[str, float]:
+    """This worker's peak memory (process RSS; CUDA allocator peak on a GPU), the optimiser
+    state it holds (its ZeRO partition: shrinks ~1/N with ZeRO-1/2/3) and its torch threads."""
+    import resource
+
+    state = engine.optimizer.state_dict()
+    # the AdamW moments (ZeRO-1/2: "base_optimizer_state", ZeRO-3: "optimizer_state_dict");
+    # the rest of a ZeRO state is its fp32 master partition
+    moments = state.get("base_optimizer_state", state.get("optimizer_state_dict", state))
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "optimizer_state_mb": tensor_bytes(state) / 2**20,
+           "adam_moments_mb": tensor_bytes(moments) / 2**20,
+           "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 class NonFiniteLossError(RuntimeError):
@@ -383,6 +415,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
                 "train/samples_per_s": len(batch["image_ids"]) * world / (done - wait_start),
                 "train/step_seconds": done - wait_start,
+                "train/compute_seconds": done - got_batch,
                 "train/data_wait_fraction": wait_total / max(wait_total + compute_total, 1e-9),
             }
             if step % cfg.mlflow.log_every_steps == 0:  # the same steps on every rank
@@ -405,7 +438,8 @@ def train_loop_per_worker(config: dict) -> None:
     skipped = quality.gather_errors()  # collective: every rank
     if skipped:
         tracker.log_text("".join(f"{e}\n" for e in skipped), "data/skipped_samples.txt")
-    tracker.set_tag("dinor1.workers", json.dumps(gather_placements(rank, steps=steps_done)))
+    tracker.set_tag("dinor1.workers", json.dumps(gather_placements(
+        rank, steps=steps_done, **memory_use(engine))))
     weights = full_state_dict(engine)  # collective under ZeRO-3: every rank takes part
     if rank == 0:
         tracker.finish(unwrap(engine), weights, state["step"])

@@ -55,10 +55,15 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": ds.gradient_accumulation_steps,
         "gradient_clipping": ds.gradient_clipping,
-        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_optimization": {"stage": ds.zero_stage, "overlap_comm": ds.overlap_comm},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if ds.bucket_elements:
+        zero = out["zero_optimization"]
+        zero["reduce_bucket_size"] = ds.bucket_elements
+        if ds.zero_stage in (1, 2):
+            zero["allgather_bucket_size"] = ds.bucket_elements
     if ds.precision == "bf16":
         # mixed precision the PyTorch-AMP way: fp32 weights and optimiser, forward under
         # torch.autocast(bfloat16) inside the engine (DeepSpeed's bf16 mode would cast the
