@@ -56,7 +56,7 @@ def tensor_checksum(obj) -> float:
     """float64 sum of every floating-point tensor inside nested dicts/lists (e.g. an optimiser
     state dict), for checking that a restore brought back what was saved."""
     if isinstance(obj, torch.Tensor):
-        return float(obj.double().sum()) if obj.is_floating_point() else 0.0
+        return float(obj.detach().double().sum()) if obj.is_floating_point() else 0.0
     if isinstance(obj, dict):
         return sum(tensor_checksum(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):
