@@ -100,6 +100,12 @@ def _add_training_bench_commands(bsub) -> None:
     over.add_argument("--image-size", type=int, default=128)
     over.add_argument("--work-dir", default=None)
     over.add_argument("overrides", nargs="*", metavar="key=value")
+    ev = bsub.add_parser(
+        "eval", help="dinor1 eval images/s and scoring share, pycocotools vs faster-coco-eval")
+    ev.add_argument("--num-images", type=int, default=300)
+    ev.add_argument("--checkpoint", default=None, help="default: a random-init tiny-cpu model")
+    ev.add_argument("--work-dir", default=None)
+    ev.add_argument("overrides", nargs="*", metavar="key=value")
     mem = bsub.add_parser(
         "memory", help="per-worker peak memory and optimizer state, ZeRO-0/2/3 at 2 workers")
     mem.add_argument("--steps", type=int, default=6)
@@ -248,6 +254,12 @@ def cmd_bench(args) -> int:
         run(steps=args.steps, image_size=args.image_size, work_dir=args.work_dir,
             overrides=(f"data.train_short_sides=[{args.image_size}]",
                        f"data.train_max_size={args.image_size}", *args.overrides))
+        return 0
+    if args.bench_command == "eval":
+        from dinor1.bench.eval_speed import run_eval_benchmark
+
+        run_eval_benchmark(num_images=args.num_images, checkpoint=args.checkpoint,
+                           work_dir=args.work_dir, overrides=tuple(args.overrides))
         return 0
     if args.bench_command == "model":
         from dinor1.bench.model_step import run_model_benchmark

@@ -20,7 +20,8 @@ def run(*args, check_rc=None):
 
 @pytest.mark.parametrize("cmd", [[], ["data"], ["data", "synth"], ["data", "convert"],
                                  ["data", "inspect"], ["bench", "data"], ["bench", "model"],
-                                 ["demo"]])
+                                 ["bench", "overhead"], ["bench", "memory"], ["bench", "eval"],
+                                 ["mlflow", "sync"], ["demo"]])
 def test_help(cmd):
     out = run(*cmd, "--help", check_rc=0).stdout
     assert "usage: dinor1" in out
