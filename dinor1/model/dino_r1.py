@@ -78,6 +78,11 @@ class DinoR1(nn.Module):
         return self.gdino.model
 
     # ----------------------------------------------------------------------------- image side
+    def reference_unused_modules(self) -> list[nn.Module]:
+        """Submodules :meth:`reference_forward` never runs (the text encoder: prompts are visual;
+        the decoder: it stops at query selection). A frozen reference may drop their weights."""
+        return [self.gdino.model.text_backbone, self.gdino.model.decoder]
+
     def image_features(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None
                        ) -> ImageFeatures:
         """Backbone + input projections, flattened (the features the VPE and enhancer read).

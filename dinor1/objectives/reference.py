@@ -3,7 +3,8 @@
 A copy of the policy with no gradients, in eval mode, refreshed from the policy at the start of
 every epoch (the release), every N steps, or never (config ``grqo.ref_refresh``). It runs only up
 to query selection, re-encoding the policy's prompt exemplars with its own prompt encoder, and
-returns its objectness at the tokens the policy selected.
+returns its objectness at the tokens the policy selected. It keeps only the weights that forward
+uses (not the text encoder's or the decoder's).
 
 DeepSpeed: the policy may be a ``DeepSpeedEngine``; under ZeRO-3 its parameters are partitioned
 across workers, so a deepcopy would copy empty shards. The reference is therefore always a fresh
@@ -52,6 +53,27 @@ def full_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
+def _drop_unused_weights(model: nn.Module) -> set[str]:
+    """Free the weights of the submodules the reference forward never runs (the model's
+    ``reference_unused_modules()``: for DINO-R1 the text encoder and the decoder, ~120 M of
+    swin-t's 174 M parameters); a weight shared with a module still in use is kept. Returns the
+    state-dict names of the freed weights (empty tensors from now on)."""
+    unused = getattr(model, "reference_unused_modules", None)
+    if unused is None:
+        return set()
+    candidates = {id(p) for module in unused() for p in module.parameters()}
+    prefixes = tuple(f"{name}." for name, module in model.named_modules()
+                     if any(module is u for u in unused()))
+    in_use = {id(p) for name, p in model.named_parameters(remove_duplicate=False)
+              if not name.startswith(prefixes)}
+    dropped = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in candidates and id(param) not in in_use:
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+            dropped.add(name)
+    return dropped
+
+
 class ReferenceModel:
     """Frozen policy copy for the objectness KL.
 
@@ -71,6 +93,7 @@ class ReferenceModel:
         self.factory = factory or (lambda: type(module)(module.config, module.settings))
         self.device = device or next(module.parameters()).device
         self.model = self.factory().to(self.device).eval().requires_grad_(False)
+        self.pruned = _drop_unused_weights(self.model)
         self.refreshes = 0
         self.last_refresh_step = 0
         self.seconds = 0.0
@@ -86,7 +109,12 @@ class ReferenceModel:
 
     def refresh(self, policy: nn.Module, step: int) -> None:
         """Copy the policy's current weights into the reference (every worker calls this)."""
-        self.model.load_state_dict(full_state_dict(policy))
+        state = {k: v for k, v in full_state_dict(policy).items() if k not in self.pruned}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if set(missing) - self.pruned or unexpected:
+            raise ValueError(f"reference refresh: the policy's weights do not match (missing "
+                             f"{sorted(set(missing) - self.pruned)[:5]}, unexpected "
+                             f"{unexpected[:5]})")
         self.refreshes += 1
         self.last_refresh_step = step
 

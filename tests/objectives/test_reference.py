@@ -49,7 +49,13 @@ def test_reference_is_frozen_until_refresh_and_matches_policy_objectness():
     refreshed = reference.model.state_dict()
     policy_state = policy.state_dict()
     assert any(not torch.equal(before[k], refreshed[k]) for k in before)
-    assert all(torch.equal(policy_state[k], refreshed[k]) for k in refreshed)
+    assert all(torch.equal(policy_state[k], refreshed[k]) for k in refreshed
+               if k not in reference.pruned)
+    # the weights its forward never runs (text encoder, decoder) are not kept
+    assert any(k.startswith("gdino.model.text_backbone.") for k in reference.pruned)
+    assert all(k.startswith(("gdino.model.text_backbone.", "gdino.model.decoder."))
+               for k in reference.pruned)
+    assert all(refreshed[k].numel() == 0 for k in reference.pruned)
     stats = reference.stats()
     assert stats["reference/refreshes"] == 2 and stats["reference/param_megabytes"] > 0
 

@@ -33,9 +33,12 @@ def main(stage: int) -> None:
         assert any(p.numel() == 0 for p in engine.module.parameters()), "not partitioned"
     reference = ReferenceModel(engine, refresh="epoch")
     got = reference.model.state_dict()
-    bad = [k for k in expected if not torch.equal(expected[k], got[k])]
+    # every weight its forward uses, gathered whole (the text encoder's and decoder's are not
+    # kept: reference.pruned)
+    bad = [k for k in expected if k not in reference.pruned and not torch.equal(expected[k], got[k])]
     assert not bad, bad[:5]
-    print(f"ZeRO-{stage}: reference holds {len(got)} full tensors")
+    assert reference.pruned and all(got[k].numel() == 0 for k in reference.pruned)
+    print(f"ZeRO-{stage}: reference holds {len(got) - len(reference.pruned)} full tensors")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
