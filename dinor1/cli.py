@@ -86,6 +86,9 @@ def _add_bench_commands(sub) -> None:
     model.add_argument("--steps", type=int, default=20)
     model.add_argument("--device", default="cpu", help="cpu or cuda")
     model.add_argument("--bf16", action="store_true", help="bf16 autocast (as deepspeed bf16)")
+    model.add_argument("--compare", choices=["compile", "channels_last"], default=None,
+                       help="also time the same steps with this speed option; print the ratio")
+    model.add_argument("--compile-backend", default="inductor")
     steps = bsub.add_parser("train", help="SFT vs GRQO step time and data-wait fraction, one run")
     steps.add_argument("--steps", type=int, default=40, help="steps per stage")
     steps.add_argument("--work-dir", default=None)
@@ -266,7 +269,8 @@ def cmd_bench(args) -> int:
 
         run_model_benchmark(preset=args.preset, batch_size=args.batch_size,
                             image_size=args.image_size, steps=args.steps, device=args.device,
-                            bf16=args.bf16)
+                            bf16=args.bf16, compare=args.compare,
+                            compile_backend=args.compile_backend)
         return 0
     from dinor1.bench.data_throughput import run_data_benchmark
 

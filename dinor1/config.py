@@ -51,6 +51,13 @@ class DataConfig(StrictModel):
     decode_concurrency: int | None = Field(None, gt=0)
     decode_num_cpus: float = Field(1.0, gt=0)
     decode_batch_size: int = Field(32, gt=0)
+    # Ray Data's block size for decoded samples: small blocks reach the trainer sooner (the
+    # first batch of an epoch waits for a whole block); Ray's default is 128 MiB
+    block_megabytes: float = Field(16.0, gt=0)
+    # where pixels become normalised floats: "device" sends uint8 batches (4x smaller) and
+    # normalises on the training device; "collate" does it in the data iterator's threads;
+    # "auto" = device on a GPU, collate on a CPU (bench data measures both)
+    normalize_on: Literal["auto", "collate", "device"] = "auto"
 
     @model_validator(mode="after")
     def _positive_sides(self) -> DataConfig:
@@ -70,6 +77,11 @@ class ModelConfig(StrictModel):
     # visual-prompt training (the contrastive term uses its output detached): frozen, it holds
     # no gradients, no optimiser state and no ZeRO traffic
     freeze_text_encoder: bool = True
+    # torch.compile of the backbone, enhancer/decoder layers and prompt encoder (model/compile.py)
+    compile: bool = False
+    compile_backend: str = "inductor"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] | None = None
+    channels_last: bool = False  # NHWC conv weights and pixels (measure: bench model --compare)
 
 
 class PromptsConfig(StrictModel):
@@ -237,6 +249,12 @@ class TrainConfig(StrictModel):
                              "at another worker count; use a fixed scaling.num_workers")
         if self.scaling.gpus_per_worker and not self.scaling.use_gpu:
             raise ValueError("scaling.gpus_per_worker needs scaling.use_gpu=true")
+        if self.model.compile and self.deepspeed.zero_stage == 3:
+            # ZeRO-3 gathers and releases partitioned weights in module hooks, which would run
+            # inside the compiled submodules' graphs; only stages 0-2 are supported (and tested)
+            raise ValueError("model.compile needs deepspeed.zero_stage 0, 1 or 2 (ZeRO-3's "
+                             "weight-gathering hooks inside compiled submodules are not "
+                             "supported)")
         if self.deepspeed.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("deepspeed.precision fp16 needs scaling.use_gpu (use bf16 or fp32)")
         return self

@@ -4,6 +4,7 @@ step) / its time, over the machine's matmul peak measured in the same run.
 
     dinor1 bench model --preset tiny-cpu --batch-size 4 --image-size 128
     dinor1 bench model --preset swin-t --image-size 800 --device cuda --bf16   # on a GPU
+    dinor1 bench model --compare compile        # the same steps with torch.compile: the ratio
 """
 
 from __future__ import annotations
@@ -37,18 +38,32 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, *, size: int = 2048,
     return best
 
 
-def run_model_benchmark(*, preset: str = "tiny-cpu", batch_size: int = 4, image_size: int = 128,
-                        steps: int = 20, warmup: int = 3, objects: int = 4, seed: int = 0,
-                        device: str = "cpu", bf16: bool = False) -> dict:
+VARIANTS = ("compile", "channels_last")
+
+
+def _build(preset: str, seed: int, dev: torch.device, variant: str | None,
+           compile_backend: str):
+    from dinor1.model.compile import compile_hot_modules, use_channels_last
+    from dinor1.model.dino_r1 import DinoR1
+
+    torch.manual_seed(seed)
+    model = DinoR1.from_pretrained(preset).train().to(dev)
+    if variant == "channels_last":
+        use_channels_last(model)
+    elif variant == "compile":
+        compile_hot_modules(model, backend=compile_backend)
+    return model
+
+
+def _time_steps(model, *, batch_size: int, image_size: int, objects: int, seed: int,
+                dev: torch.device, bf16: bool, steps: int, warmup: int,
+                count_flops: bool = True) -> tuple[float, int]:
+    """(seconds per forward+backward+AdamW step, FLOPs of one step) on fixed random inputs."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from dinor1.model.denoising import build_denoising_queries
-    from dinor1.model.dino_r1 import DinoR1
     from dinor1.model.prompts import assemble_training_prompts
 
-    torch.manual_seed(seed)
-    dev = torch.device(device)
-    model = DinoR1.from_pretrained(preset).train().to(dev)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(seed)
     pixels = torch.randn(batch_size, 3, image_size, image_size, generator=g).to(dev)
@@ -78,17 +93,34 @@ def run_model_benchmark(*, preset: str = "tiny-cpu", batch_size: int = 4, image_
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(warmup):
+    for _ in range(warmup):  # (a compiled model compiles here)
         step()
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops()  # forward + backward matmuls/convs (AdamW not counted)
+    flops = 0
+    if count_flops:
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()  # forward + backward matmuls/convs (not AdamW)
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
     sync()
-    per_step = (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / steps, flops
+
+
+def run_model_benchmark(*, preset: str = "tiny-cpu", batch_size: int = 4, image_size: int = 128,
+                        steps: int = 20, warmup: int = 3, objects: int = 4, seed: int = 0,
+                        device: str = "cpu", bf16: bool = False, compare: str | None = None,
+                        compile_backend: str = "inductor") -> dict:
+    """Step time, FLOPs and MFU of ``preset``; with ``compare`` (one of :data:`VARIANTS`) also
+    the same steps with that speed option on, and the ratio of the two step times."""
+    if compare is not None and compare not in VARIANTS:
+        raise ValueError(f"compare must be one of {VARIANTS}, got {compare!r}")
+    dev = torch.device(device)
+    shape = dict(batch_size=batch_size, image_size=image_size, objects=objects, seed=seed,
+                 dev=dev, bf16=bf16, steps=steps, warmup=warmup)
+    model = _build(preset, seed, dev, None, compile_backend)
+    per_step, flops = _time_steps(model, **shape)
     peak = matmul_peak(dev, torch.bfloat16 if bf16 else torch.float32)
     params = sum(p.numel() for p in model.parameters())
     achieved = flops / per_step
@@ -104,4 +136,16 @@ def run_model_benchmark(*, preset: str = "tiny-cpu", batch_size: int = 4, image_
     print(f"  achieved                {achieved / 1e9:10.2f} GFLOP/s")
     print(f"  matmul peak (measured)  {peak / 1e9:10.2f} GFLOP/s ({precision} {2048}^2)")
     print(f"  MFU = achieved / peak   {result['mfu']:10.3f}   (GPU bf16 target >= 0.35)")
+    if compare is not None:
+        del model
+        variant = _build(preset, seed, dev, compare, compile_backend)
+        started = time.perf_counter()
+        variant_step, _ = _time_steps(variant, **shape, count_flops=False)
+        result[f"{compare}_seconds_per_step"] = variant_step
+        result[f"{compare}_over_eager"] = variant_step / per_step
+        label = f"compile ({compile_backend})" if compare == "compile" else compare
+        print(f"  with {label:18s} {variant_step * 1000:10.1f} ms/step "
+              f"(warm-up + timing {time.perf_counter() - started:.0f} s)")
+        print(f"  {compare} / plain step   {result[f'{compare}_over_eager']:10.3f}   "
+              "(< 1 is faster)")
     return result

@@ -32,7 +32,10 @@ class DetectionCollateFn(NumpyBatchCollateFn):
     Returns a dict of tensors (so Ray can move it to the training device)::
 
         pixel_values    float32 [B, 3, H, W]  normalised, zero-padded to the largest image
+                                              (``normalize=False``: uint8, for
+                                              :func:`normalize_pixels` on the device)
         pixel_mask      int64   [B, H, W]     1 on real pixels, 0 on padding
+                                              (``normalize=False``: bool)
         boxes           float32 [N, 4]        all images' boxes, normalised cx, cy, w, h
         class_labels    int64   [N]           dataset category ids
         num_boxes       int64   [B]           boxes per image (split ``boxes`` with it)
@@ -64,13 +67,13 @@ class DetectionCollateFn(NumpyBatchCollateFn):
         size_divisor: int = 1,
         seed: int = 0,
         epoch: int = 0,
+        normalize: bool = True,
     ):
         super().__init__()
+        self.normalize = normalize
         self.train, self.short_sides, self.max_size = train, tuple(short_sides), max_size
         self.hflip_prob, self.size_divisor = hflip_prob, size_divisor
-        # in uint8 units, so the batch is normalised straight from the padded uint8 tensor
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255.0
-        self.inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255.0)
+        self.mean, self.std = tuple(mean), tuple(std)
         self.seed, self.epoch = seed, epoch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -81,13 +84,18 @@ class DetectionCollateFn(NumpyBatchCollateFn):
         images, boxes_list = [], []
         for i in keep:
             pixels = np.require(batch["image"][i], np.uint8, ["C", "W"])  # Ray hands read-only
-            image = torch.from_numpy(pixels).permute(2, 0, 1)  # uint8 [3, H, W]
+            # uint8 [3, H, W] over the HWC memory (channels-last strides): torch's uint8
+            # antialiased resize is fastest on exactly this layout
+            image = torch.from_numpy(pixels).permute(2, 0, 1)
             boxes = torch.from_numpy(np.array(batch["boxes"][i], np.float32).reshape(-1, 4))
             if self.train:
                 image, boxes = self._augment(image, boxes, rng)
             images.append(image)
             boxes_list.append(boxes)
-        pixel_values, pixel_mask = self._pad_and_normalise(images)
+        # a uint8 batch's mask travels as bool (8x smaller) and becomes int64 on the device
+        pixel_values, pixel_mask = self._pad(images, torch.int64 if self.normalize else torch.bool)
+        if self.normalize:
+            pixel_values = normalize_pixels(pixel_values, pixel_mask, self.mean, self.std)
         labels = [torch.from_numpy(np.array(batch["labels"][i], np.int64)) for i in keep]
         return {
             "pixel_values": pixel_values,
@@ -111,37 +119,51 @@ class DetectionCollateFn(NumpyBatchCollateFn):
         short = int(rng.choice(self.short_sides))
         new_h, new_w = resized_hw(height, width, short, self.max_size)
         if new_h < height:  # normalised boxes are unchanged by resizing
-            image = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear",
-                                  antialias=True)[0].round_().clamp_(0, 255).to(torch.uint8)
+            # on uint8 directly: ~8x faster than through float32 at 800 px, within 1 level
+            image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear",
+                                  antialias=True)[0]
         if rng.random() < self.hflip_prob:
             image = image.flip(-1)
             boxes = boxes.clone()
             boxes[:, 0] = 1.0 - boxes[:, 0]
         return image, boxes
 
-    def _pad_and_normalise(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 [3, h, w] images -> normalised float [B, 3, H, W] (zero padding) + mask.
-
-        Normalises each image straight into its slot of an uninitialised batch tensor and zeroes
-        only the padding: the float work is the collate's main cost on the training worker.
-        """
+    def _pad(self, images: list[torch.Tensor], mask_dtype: torch.dtype = torch.int64
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [3, h, w] images -> uint8 [B, 3, H, W] (zero padding, channels-last memory:
+        each image row is one contiguous copy) + mask [B, H, W] (1 on real pixels)."""
         if not images:
-            return torch.zeros(0, 3, 1, 1), torch.zeros(0, 1, 1, dtype=torch.int64)
+            return (torch.zeros(0, 3, 1, 1, dtype=torch.uint8),
+                    torch.zeros(0, 1, 1, dtype=mask_dtype))
         div = self.size_divisor
-        heights = torch.tensor([i.shape[1] for i in images])
-        widths = torch.tensor([i.shape[2] for i in images])
-        height = -(-int(heights.max()) // div) * div
-        width = -(-int(widths.max()) // div) * div
-        pixel_values = torch.empty(len(images), 3, height, width)
+        height = -(-max(i.shape[1] for i in images) // div) * div
+        width = -(-max(i.shape[2] for i in images) // div) * div
+        padded = torch.empty(len(images), height, width, 3, dtype=torch.uint8)
+        pixel_mask = torch.zeros(len(images), height, width, dtype=mask_dtype)
         for b, image in enumerate(images):
             h, w = image.shape[1:]
-            torch.sub(image, self.mean, out=pixel_values[b, :, :h, :w]).mul_(self.inv_std)
-            pixel_values[b, :, h:, :] = 0
-            pixel_values[b, :, :h, w:] = 0
-        pixel_mask = (torch.arange(height)[None, :, None] < heights[:, None, None]) & (
-            torch.arange(width)[None, None, :] < widths[:, None, None]
-        )
-        return pixel_values, pixel_mask.long()
+            padded[b, :h, :w] = image.permute(1, 2, 0)
+            padded[b, h:] = 0
+            padded[b, :h, w:] = 0
+            pixel_mask[b, :h, :w] = 1
+        return padded.permute(0, 3, 1, 2), pixel_mask
+
+
+def normalize_pixels(pixel_values: torch.Tensor, pixel_mask: torch.Tensor,
+                     mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 [B, 3, H, W] (any memory layout) -> contiguous normalised float32 [B, 3, H, W] on
+    the same device, 0 where ``pixel_mask`` [B, H, W] is 0 (padding). The collate's own
+    normalisation is this function, so batches normalised on the device are identical to
+    batches normalised in the collate. A float input is returned as it is."""
+    if pixel_values.is_floating_point():
+        return pixel_values
+    device = pixel_values.device
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+                     * 255.0)
+    out = pixel_values.to(torch.float32, memory_format=torch.contiguous_format)
+    out.sub_(mean_t).mul_(inv_std)
+    return out.masked_fill_(pixel_mask[:, None] == 0, 0.0)
 
 
 def _quality_counts(batch: dict[str, np.ndarray], errors: list[str]) -> dict[str, torch.Tensor]:

@@ -23,11 +23,12 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import ray
+import torch
 from ray.data import FileShuffleConfig
 
 from data_pipelines.shard_format import MANIFEST_NAME, SHARD_RE
 from dinor1.config import DataConfig
-from dinor1.data.collate import DetectionCollateFn
+from dinor1.data.collate import DetectionCollateFn, normalize_pixels
 from dinor1.data.datasource import ShardDatasource
 from dinor1.data.transforms import DecodeSample
 from dinor1.errors import UserError
@@ -109,7 +110,13 @@ def detection_dataset(
     source = ShardDatasource(shard_set.paths, filesystem=shard_set.filesystem, shuffle=shuffle)
     # One read task per shard file: the datasource already streams small blocks (64 rows), and
     # letting Ray split reads further (its default on small clusters) halved throughput here.
-    ds = ray.data.read_datasource(source, override_num_blocks=len(shard_set.paths))
+    context = ray.data.DataContext.get_current()
+    default_block_size = context.target_max_block_size
+    context.target_max_block_size = int(cfg.block_megabytes * 2**20)
+    try:  # a Dataset keeps a copy of the context it was created under
+        ds = ray.data.read_datasource(source, override_num_blocks=len(shard_set.paths))
+    finally:
+        context.target_max_block_size = default_block_size
     decode = DecodeSample(
         short_side=max(cfg.train_short_sides) if train else cfg.eval_short_side,
         max_size=cfg.train_max_size if train else cfg.eval_max_size,
@@ -120,8 +127,10 @@ def detection_dataset(
                           num_cpus=cfg.decode_num_cpus, concurrency=cfg.decode_concurrency)
 
 
-def collate_fn(cfg: DataConfig, *, train: bool, epoch: int = 0) -> DetectionCollateFn:
+def collate_fn(cfg: DataConfig, *, train: bool, epoch: int = 0,
+               normalize: bool = True) -> DetectionCollateFn:
     return DetectionCollateFn(
+        normalize=normalize,
         train=train,
         short_sides=tuple(cfg.train_short_sides),
         max_size=cfg.train_max_size,
@@ -134,20 +143,47 @@ def collate_fn(cfg: DataConfig, *, train: bool, epoch: int = 0) -> DetectionColl
     )
 
 
+def _normalizes_on_device(cfg: DataConfig, device: Any) -> bool:
+    if cfg.normalize_on != "auto":
+        return cfg.normalize_on == "device"
+    if device == "auto":  # what Ray picks: the Ray Train worker's device, else the CPU
+        return ray.is_initialized() and bool(ray.get_gpu_ids())
+    return torch.device(device).type != "cpu"
+
+
+def iter_collated_batches(data, cfg: DataConfig, *, train: bool, epoch: int = 0,
+                          device: Any = "auto", normalize: bool = True):
+    """Ray's ``iter_torch_batches`` with :class:`DetectionCollateFn`; with ``normalize=False``
+    ``pixel_values`` stay uint8 (see :func:`~dinor1.data.collate.normalize_pixels`)."""
+    shuffle = train and cfg.local_shuffle_buffer > 0
+    return data.iter_torch_batches(
+        batch_size=cfg.batch_size,
+        collate_fn=collate_fn(cfg, train=train, epoch=epoch, normalize=normalize),
+        local_shuffle_buffer_size=cfg.local_shuffle_buffer if shuffle else None,
+        local_shuffle_seed=cfg.seed + epoch if shuffle else None,
+        prefetch_batches=cfg.prefetch_batches,
+        device=device,
+    )
+
+
 def iter_detection_batches(
     data, cfg: DataConfig, *, train: bool, epoch: int = 0, device: Any = "auto"
 ):
     """Batches from a Ray Dataset or a worker's ``DataIterator`` (``get_dataset_shard``).
 
     ``device="auto"`` moves tensors to the Ray Train worker's device (inside a worker) and
-    leaves them on the CPU elsewhere.
+    leaves them on the CPU elsewhere. ``pixel_values`` are normalised float32 either way; with
+    ``cfg.normalize_on`` resolving to "device" they travel as uint8 and are normalised there.
     """
-    shuffle = train and cfg.local_shuffle_buffer > 0
-    return data.iter_torch_batches(
-        batch_size=cfg.batch_size,
-        collate_fn=collate_fn(cfg, train=train, epoch=epoch),
-        local_shuffle_buffer_size=cfg.local_shuffle_buffer if shuffle else None,
-        local_shuffle_seed=cfg.seed + epoch if shuffle else None,
-        prefetch_batches=cfg.prefetch_batches,
-        device=device,
-    )
+    on_device = _normalizes_on_device(cfg, device)
+    batches = iter_collated_batches(data, cfg, train=train, epoch=epoch, device=device,
+                                    normalize=not on_device)
+    return _normalized(batches, cfg) if on_device else batches
+
+
+def _normalized(batches, cfg: DataConfig):
+    for batch in batches:
+        batch["pixel_mask"] = batch["pixel_mask"].long()
+        batch["pixel_values"] = normalize_pixels(batch["pixel_values"], batch["pixel_mask"],
+                                                 cfg.pixel_mean, cfg.pixel_std)
+        yield batch

@@ -64,6 +64,7 @@ class DinoR1(nn.Module):
             ffn_dim=self.settings.prompt_encoder_ffn_dim)
         self.prompt_classifier = PromptClassifier(
             config.d_model, config.decoder_layers + 1, self.settings.prior_prob)
+        self.channels_last = False  # NHWC pixels into the backbone (model/compile.py)
         self._freeze_unused()
 
     def _freeze_unused(self) -> None:
@@ -94,6 +95,8 @@ class DinoR1(nn.Module):
         if pixel_mask is None:
             pixel_mask = torch.ones(pixel_values.shape[0], *pixel_values.shape[2:],
                                     dtype=torch.long, device=pixel_values.device)
+        if self.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         vision_features, positions = core.backbone(pixel_values, pixel_mask)
         maps, masks = [], []
         for level, (source, mask) in enumerate(vision_features):

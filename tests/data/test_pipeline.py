@@ -75,6 +75,60 @@ def test_collate_shapes_flip_and_determinism():
     assert all(s[0] in (10, 20, 30) for s in sizes)
 
 
+def _random_rows(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    sizes = [(40, 60), (48, 36), (37, 50)]
+    images = np.empty(len(sizes), dtype=object)
+    for i, (h, w) in enumerate(sizes):
+        images[i] = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        images[i].setflags(write=False)  # as Ray hands them over
+    boxes = np.empty(len(sizes), dtype=object)
+    labels = np.empty(len(sizes), dtype=object)
+    for i in range(len(sizes)):
+        boxes[i] = np.array([[0.5, 0.5, 0.2, 0.3]], np.float32)
+        labels[i] = np.array([1])
+    return {"key": np.array(["a", "b", "c"], dtype=object), "error": np.array(["", "", ""]),
+            "image": images, "boxes": boxes, "labels": labels, "image_id": np.array([1, 2, 3]),
+            "orig_size": np.array(sizes), "dropped_boxes": np.zeros(3, np.int64)}
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_uint8_batches_normalised_later_equal_collate_normalised(train):
+    """``normalize_on: device`` sends uint8 pixels + a bool mask and normalises after the move:
+    exactly the floats (padding included) the collate's own normalisation gives."""
+    from dinor1.data.collate import normalize_pixels
+
+    kw = dict(train=train, short_sides=(24, 32), max_size=64, size_divisor=8, seed=3)
+    floats = DetectionCollateFn(**kw)(_random_rows())
+    raw = DetectionCollateFn(normalize=False, **kw)(_random_rows())
+    assert raw["pixel_values"].dtype == torch.uint8 and raw["pixel_mask"].dtype == torch.bool
+    assert floats["pixel_values"].dtype == torch.float32
+    assert floats["pixel_mask"].dtype == torch.int64
+    torch.testing.assert_close(raw["pixel_mask"].long(), floats["pixel_mask"], rtol=0, atol=0)
+    normalised = normalize_pixels(raw["pixel_values"], raw["pixel_mask"])
+    assert normalised.is_contiguous()
+    torch.testing.assert_close(normalised, floats["pixel_values"], rtol=0, atol=0)
+    assert floats["pixel_values"][floats["pixel_mask"][:, None].expand(-1, 3, -1, -1) == 0].eq(
+        0).all()
+    torch.testing.assert_close(raw["boxes"], floats["boxes"])  # same flips and scales
+
+
+def test_uint8_resize_is_within_one_level_of_the_float_resize():
+    import torch.nn.functional as F
+
+    rows = _random_rows(1)
+    collate = DetectionCollateFn(train=True, short_sides=(20,), max_size=64, hflip_prob=0.0,
+                                 normalize=False)
+    out = collate(rows)
+    for b, image in enumerate(rows["image"]):
+        h, w = out["sizes"][b].tolist()
+        chw = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float()
+        expect = F.interpolate(chw, size=(h, w), mode="bilinear", antialias=True)[0]
+        expect = expect.round().clamp(0, 255)
+        got = out["pixel_values"][b, :, :h, :w].float()
+        assert (got - expect).abs().max() <= 1
+
+
 def test_config_errors_name_the_key():
     from dinor1.config import apply_overrides, validate
 
@@ -111,6 +165,32 @@ def test_corrupt_samples_are_skipped_and_counted(ray_cluster, tmp_path):
         assert torch.isfinite(batch["boxes"]).all()
     assert sorted(ids) == list(range(1, 11)) + [901, 904]
     assert skipped == 3 and dropped == 1
+
+
+@pytest.mark.ray
+def test_device_normalisation_and_block_size(ray_cluster, tmp_path):
+    """The same batches whichever side normalises; the dataset's block size is set without
+    changing Ray's global default."""
+    import ray
+
+    shards = _shards(tmp_path, num_images=12, per_shard=6)
+    default_block = ray.data.DataContext.get_current().target_max_block_size
+    by_mode = {}
+    for mode in ("collate", "device"):
+        cfg = DataConfig(**{**CFG, "normalize_on": mode, "shuffle_files": False,
+                            "local_shuffle_buffer": 0, "preserve_order": True,
+                            "block_megabytes": 0.5})
+        ds = detection_dataset(str(shards), cfg, train=True)
+        assert ds.context.target_max_block_size == 2**19
+        ds.context.execution_options.preserve_order = True
+        by_mode[mode] = list(iter_detection_batches(ds, cfg, train=True, device="cpu"))
+    assert ray.data.DataContext.get_current().target_max_block_size == default_block
+    assert len(by_mode["collate"]) == len(by_mode["device"]) == 3
+    for a, b in zip(by_mode["collate"], by_mode["device"]):
+        assert b["pixel_values"].dtype == torch.float32 and b["pixel_mask"].dtype == torch.int64
+        assert a["image_ids"].tolist() == b["image_ids"].tolist()
+        torch.testing.assert_close(a["pixel_values"], b["pixel_values"], rtol=0, atol=0)
+        torch.testing.assert_close(a["pixel_mask"], b["pixel_mask"], rtol=0, atol=0)
 
 
 @pytest.mark.ray

@@ -138,6 +138,7 @@ def test_resume_restores_state_into_the_same_mlflow_run(ray_cluster, shards, tmp
     ("scaling.gpus_per_worker=1", "scaling.gpus_per_worker needs scaling.use_gpu=true"),
     ("deepspeed.precision=fp16", "deepspeed.precision fp16 needs scaling.use_gpu"),
     ("faults.max_consecutive_nonfinite=0", "'faults.max_consecutive_nonfinite'"),
+    ("model.compile_mode=fastest", "'model.compile_mode'"),
 ])
 def test_config_errors_are_one_line(override, message, tmp_path):
     proc = subprocess.run(
@@ -147,6 +148,15 @@ def test_config_errors_are_one_line(override, message, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("dinor1: error:") and message in last and "Traceback" not in proc.stderr
+
+
+def test_compile_is_refused_with_zero3():
+    from dinor1.errors import UserError
+
+    with pytest.raises(UserError, match="model.compile needs deepspeed.zero_stage 0, 1 or 2"):
+        load_train_config(ROOT / "jobs" / "demo.yaml",
+                          ["model.compile=true", "deepspeed.zero_stage=3"])
+    assert load_train_config(ROOT / "jobs" / "demo.yaml", ["model.compile=true"]).model.compile
 
 
 def test_elastic_workers_need_zero_stage_0():
