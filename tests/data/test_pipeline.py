@@ -113,6 +113,16 @@ def test_uint8_batches_normalised_later_equal_collate_normalised(train):
     torch.testing.assert_close(raw["boxes"], floats["boxes"])  # same flips and scales
 
 
+def test_where_pixels_are_normalised():
+    from dinor1.data.pipeline import _normalizes_on_device
+
+    auto = DataConfig()
+    assert not _normalizes_on_device(auto, "cpu") and _normalizes_on_device(auto, "cuda:0")
+    assert not _normalizes_on_device(auto, "auto")  # no Ray Train GPU worker here
+    assert _normalizes_on_device(DataConfig(normalize_on="device"), "cpu")
+    assert not _normalizes_on_device(DataConfig(normalize_on="collate"), "cuda")
+
+
 def test_uint8_resize_is_within_one_level_of_the_float_resize():
     import torch.nn.functional as F
 
