@@ -134,7 +134,9 @@ class DecodeSample:
                 "bad_json", f"sample {key!r} in {url}: bad annotation JSON ({reason})"))
         try:
             with Image.open(io.BytesIO(row["image"])) as img:
-                img = img.convert("RGB")
+                img.load()  # decodes (a broken image raises here)
+                if img.mode != "RGB":  # (convert copies even an RGB image: not needed then)
+                    img = img.convert("RGB")
         except Exception as exc:  # PIL raises many types for bad bytes
             return _skipped(row, skip_error(
                 "bad_image", f"sample {key!r} in {url}: image does not decode ({exc})"))
