@@ -1,6 +1,7 @@
 """Training (2 DeepSpeed workers on Ray Train, an evaluation inside it) on shards holding every
 kind of bad input: the run completes, and the skipped samples and dropped boxes, by kind, reach
-the MLflow run with the exact counts the shards hold."""
+the MLflow run with the exact counts the shards hold. Batches travel as uint8 and are normalised
+on the (here CPU) device, as on a GPU worker."""
 
 from pathlib import Path
 
@@ -25,7 +26,8 @@ def test_training_and_eval_on_fuzzed_shards(ray_cluster, tmp_path):
         "data.train_short_sides=[64]", "data.train_max_size=96", "data.eval_short_side=64",
         "data.eval_max_size=96", "stages.sft_epochs=1", "stages.grqo_epochs=1",
         "checkpointing.every_steps=3", f"checkpointing.storage_path={tmp_path / 'runs'}",
-        "mlflow.log_every_steps=1"])
+        "mlflow.log_every_steps=1",
+        "data.normalize_on=device"])  # (a GPU worker's default: uint8 batches, even empty ones)
     result = run_training(cfg)
     assert result.error is None
 
