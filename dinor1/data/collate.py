@@ -6,6 +6,7 @@ Used as ``iter_torch_batches(collate_fn=DetectionCollateFn(...))`` inside a Ray 
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import numpy as np
@@ -149,6 +150,15 @@ class DetectionCollateFn(NumpyBatchCollateFn):
         return padded.permute(0, 3, 1, 2), pixel_mask
 
 
+@functools.lru_cache(maxsize=16)
+def _normalisation_constants(mean: tuple, std: tuple, device: torch.device):
+    """[1, 3, 1, 1] mean and 1/std in uint8 units on ``device``, made once (not per batch: on a
+    GPU each would be a host-to-device copy)."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+    return mean_t, 1.0 / std_t
+
+
 def normalize_pixels(pixel_values: torch.Tensor, pixel_mask: torch.Tensor,
                      mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """uint8 [B, 3, H, W] (any memory layout) -> contiguous normalised float32 [B, 3, H, W] on
@@ -157,10 +167,7 @@ def normalize_pixels(pixel_values: torch.Tensor, pixel_mask: torch.Tensor,
     batches normalised in the collate. A float input is returned as it is."""
     if pixel_values.is_floating_point():
         return pixel_values
-    device = pixel_values.device
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-                     * 255.0)
+    mean_t, inv_std = _normalisation_constants(tuple(mean), tuple(std), pixel_values.device)
     out = pixel_values.to(torch.float32, memory_format=torch.contiguous_format)
     out.sub_(mean_t).mul_(inv_std)
     return out.masked_fill_(pixel_mask[:, None] == 0, 0.0)
