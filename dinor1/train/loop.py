@@ -36,6 +36,10 @@ def _objective_settings(cfg):
         grqo_alpha=g.alpha, grqo_beta=g.beta, grqo_num_mute=g.num_mute)
 
 
+def _report_metrics(metrics: dict) -> dict:  # what goes with a checkpoint to Ray Train
+    return {k: v for k, v in metrics.items() if k.startswith(("loss/total", "train/"))}
+
+
 def _build_model(cfg):
     from dinor1.model.dino_r1 import DinoR1, DinoR1Settings
     from dinor1.model.presets import PRESETS, preset_config
@@ -240,6 +244,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     from dinor1.config import TrainConfig
+    from dinor1.data.epochs import EpochBatches
     from dinor1.data.pipeline import iter_detection_batches
     from dinor1.data.quality import QualityCounter
     from dinor1.model.dino_r1 import load_weights, save_weights
@@ -324,133 +329,149 @@ def train_loop_per_worker(config: dict) -> None:
     state.setdefault("nonfinite_steps", 0)
     streak: list[int] = []  # batches of the current run of non-finite losses
     batches_seen = 0  # in this attempt (fault injection counts these)
-    for epoch in range(start_epoch, len(stages)):
-        stage = stages[epoch]
-        if stage == "grqo":
-            if reference is None:
-                reference = ReferenceModel(engine, cfg.grqo.ref_refresh)
-                reference.last_refresh_step = state["step"]
-            elif epoch != start_epoch and reference.should_refresh(state["step"], new_epoch=True):
-                reference.refresh(engine, state["step"])
-        engine.train()
-        # resuming mid-epoch: skip the batches of this epoch already trained on (approximate:
-        # Ray's streaming split may hand a worker different blocks than last time)
-        skip = state.pop("steps_in_epoch", 0) if epoch == start_epoch else 0
-        steps_this_epoch = skip
-        cap = cfg.stages.max_steps_per_epoch
-        if cap and skip >= cap:  # saved at this epoch's last step: nothing left of it to train
-            skip = 0
-        batches = iter_detection_batches(shard, cfg.data, train=True, epoch=epoch)
-        wait_start = time.perf_counter()
-        wait_total = compute_total = 0.0
-        start_wait = None  # the epoch's first batch: Ray Data starting this epoch's execution
-        for batch in batches if not (cap and steps_this_epoch >= cap) else ():
-            if skip:
-                skip -= 1
-                wait_start = time.perf_counter()
-                continue
-            got_batch = time.perf_counter()
-            step = state["step"]
-            generator = torch.Generator().manual_seed(_step_seed(cfg.seed, rank, step))
-            torch.manual_seed(_step_seed(cfg.seed, rank, step))
-            if (reference is not None and stage == "grqo"
-                    and reference.kind == "steps" and reference.should_refresh(step, False)):
-                reference.refresh(engine, step)
-            set_lr(optimizer, base_lrs, lr_factor(step, epoch, cfg))
-            quality.update(batch)
-            if _any_empty(batch):  # a worker drew only corrupt samples: all skip this batch
-                state["empty_batches"] = state.get("empty_batches", 0) + 1
-                tracker.log_now({"train/empty_batches": float(state["empty_batches"])}, step + 1)
-                wait_start = time.perf_counter()
-                continue
-            loss, logs = engine(batch, stage=stage, settings=objective,
-                                reference=reference if stage == "grqo" else None,
-                                generator=generator)
-            batches_seen += 1
-            if rank == 0:  # rehearsed faults (faults.inject_*)
-                if batches_seen in cfg.faults.inject_nonfinite_batches:
-                    loss = loss * float("nan")
-                if batches_seen in cfg.faults.inject_nonfinite_grad_batches:
-                    loss = _PoisonGradient.apply(loss)
-            bad = None
-            if not _all_finite(loss):  # on every rank: all of them skip this step together
-                bad = "loss"
-            else:
-                engine.backward(loss)
-                # (between gradient-accumulation boundaries nothing is applied or checked: a
-                # non-finite gradient stays in the sum and is caught at the boundary)
-                boundary = engine.is_gradient_accumulation_boundary()
-                if boundary and not _gradients_finite(engine, cfg.deepspeed.zero_stage):
-                    bad = "gradients"  # (ZeRO-0: dropped, no optimiser step)
-                else:
-                    engine.step()  # ZeRO-1/2/3: DeepSpeed skips a step with non-finite grads
-                    if boundary and not engine.was_step_applied():
-                        bad = "gradients"
-            if bad == "gradients" and cfg.deepspeed.precision == "fp16":
-                # fp16 loss scaling: an overflow skips the step and lowers the scale (routine)
-                state["overflow_steps"] = state.get("overflow_steps", 0) + 1
-                tracker.log_now({"train/fp16_overflow_steps": float(state["overflow_steps"])},
-                                step + 1)
-                wait_start = time.perf_counter()
-                continue
-            if bad:
-                state["nonfinite_steps"] += 1
-                key = "nonfinite_grad_steps" if bad == "gradients" else "nonfinite_loss_steps"
-                state[key] = state.get(key, 0) + 1
-                streak.append(batches_seen)
-                tracker.log_now({"train/nonfinite_steps": float(state["nonfinite_steps"]),
-                                 f"train/{key}": float(state[key])}, step + 1)
-                if rank == 0:
-                    print(f"[train] non-finite {bad} at step {step + 1}: step skipped "
-                          f"({len(streak)} in a row, {state['nonfinite_steps']} in all)",
-                          file=sys.stderr, flush=True)
-                if len(streak) >= cfg.faults.max_consecutive_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{len(streak)} consecutive non-finite losses or gradients after step "
-                        f"{step} (faults.max_consecutive_nonfinite="
-                        f"{cfg.faults.max_consecutive_nonfinite}); the last good checkpoint is "
-                        f"the newest one in the run folder (step {state.get('saved_step', 0)})")
-                wait_start = time.perf_counter()
-                continue
-            streak.clear()
-            state["step"] = step = step + 1
-            steps_this_epoch += 1
-            steps_done += 1
-            done = time.perf_counter()
-            wait_total += got_batch - wait_start
-            compute_total += done - got_batch
-            if start_wait is None:
-                start_wait = got_batch - wait_start
-            metrics = {
-                **logs, "train/epoch": float(epoch), "train/stage_grqo": float(stage == "grqo"),
-                "train/lr": optimizer.param_groups[0]["lr"],  # the head group (backbone: x0.1)
-                "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "train/samples_per_s": len(batch["image_ids"]) * world / (done - wait_start),
-                "train/step_seconds": done - wait_start,
-                "train/compute_seconds": done - got_batch,
-                "train/data_wait_fraction": wait_total / max(wait_total + compute_total, 1e-9),
-                # the same without the epoch's first batch (a fixed cost per epoch, ~0.4 s here:
-                # Ray Data starts a new execution; it weighs little in long epochs)
-                "train/data_wait_fraction_steady": (wait_total - start_wait) / max(
-                    wait_total - start_wait + compute_total, 1e-9),
-                "train/epoch_start_wait_seconds": start_wait,
-            }
-            if step % cfg.mlflow.log_every_steps == 0:  # the same steps on every rank
-                metrics.update(quality.metrics("data/"))  # collective: every rank
-            if reference is not None and stage == "grqo":
-                metrics.update(reference.stats())
-            tracker.log(metrics, step, epoch=epoch, stage=stage)
-            if step % cfg.checkpointing.every_steps == 0:
-                state["steps_in_epoch"] = steps_this_epoch
-                save({k: v for k, v in metrics.items() if k.startswith(("loss/total", "train/"))})
-                state.pop("steps_in_epoch")
+    cap = cfg.stages.max_steps_per_epoch
+    resume_skip = state.pop("steps_in_epoch", 0)
+    # the next epoch's Ray Data execution starts while this one's last batches still train
+    epoch_batches = EpochBatches(
+        lambda e: iter_detection_batches(shard, cfg.data, train=True, epoch=e),
+        [e for e in range(start_epoch, len(stages))  # (not one saved at its last step)
+         if not (e == start_epoch and cap and resume_skip >= cap)],
+        lookahead=cfg.data.epoch_lookahead_batches, limit=cap or None)
+    try:
+        for epoch in range(start_epoch, len(stages)):
+            stage = stages[epoch]
+            if stage == "grqo":
+                if reference is None:
+                    reference = ReferenceModel(engine, cfg.grqo.ref_refresh)
+                    reference.last_refresh_step = state["step"]
+                elif epoch != start_epoch and reference.should_refresh(state["step"],
+                                                                       new_epoch=True):
+                    reference.refresh(engine, state["step"])
+            engine.train()
+            # resuming mid-epoch: skip the batches of this epoch already trained on (approximate:
+            # Ray's streaming split may hand a worker different blocks than last time)
+            skip = resume_skip if epoch == start_epoch else 0
+            steps_this_epoch = skip
+            if cap and skip >= cap:  # saved at this epoch's last step: nothing left of it to train
+                skip = 0
+            done_already = cap and steps_this_epoch >= cap
+            batches = iter(()) if done_already else epoch_batches.batches(epoch)
             wait_start = time.perf_counter()
-            if cfg.stages.max_steps_per_epoch and steps_this_epoch >= cfg.stages.max_steps_per_epoch:
-                break
-        state["epoch"] = epoch + 1
-        if cfg.eval.every_epochs and state["epoch"] % cfg.eval.every_epochs == 0:
-            _evaluate(cfg, engine, config, tracker, state["step"], epoch)
-    save({k: v for k, v in metrics.items() if k.startswith(("loss/total", "train/"))})
+            wait_total = compute_total = 0.0
+            start_wait = None  # the epoch's first batch: Ray Data starting this epoch's execution
+            for batch in batches:
+                if skip:
+                    skip -= 1
+                    wait_start = time.perf_counter()
+                    continue
+                got_batch = time.perf_counter()
+                step = state["step"]
+                generator = torch.Generator().manual_seed(_step_seed(cfg.seed, rank, step))
+                torch.manual_seed(_step_seed(cfg.seed, rank, step))
+                if (reference is not None and stage == "grqo"
+                        and reference.kind == "steps" and reference.should_refresh(step, False)):
+                    reference.refresh(engine, step)
+                set_lr(optimizer, base_lrs, lr_factor(step, epoch, cfg))
+                quality.update(batch)
+                if _any_empty(batch):  # a worker drew only corrupt samples: all skip this batch
+                    epoch_batches.extend(epoch)  # this batch did not count toward the cap
+                    state["empty_batches"] = state.get("empty_batches", 0) + 1
+                    tracker.log_now({"train/empty_batches": float(state["empty_batches"])},
+                                    step + 1)
+                    wait_start = time.perf_counter()
+                    continue
+                loss, logs = engine(batch, stage=stage, settings=objective,
+                                    reference=reference if stage == "grqo" else None,
+                                    generator=generator)
+                batches_seen += 1
+                if rank == 0:  # rehearsed faults (faults.inject_*)
+                    if batches_seen in cfg.faults.inject_nonfinite_batches:
+                        loss = loss * float("nan")
+                    if batches_seen in cfg.faults.inject_nonfinite_grad_batches:
+                        loss = _PoisonGradient.apply(loss)
+                bad = None
+                if not _all_finite(loss):  # on every rank: all of them skip this step together
+                    bad = "loss"
+                else:
+                    engine.backward(loss)
+                    # (between gradient-accumulation boundaries nothing is applied or checked: a
+                    # non-finite gradient stays in the sum and is caught at the boundary)
+                    boundary = engine.is_gradient_accumulation_boundary()
+                    if boundary and not _gradients_finite(engine, cfg.deepspeed.zero_stage):
+                        bad = "gradients"  # (ZeRO-0: dropped, no optimiser step)
+                    else:
+                        engine.step()  # ZeRO-1/2/3: DeepSpeed skips a step with non-finite grads
+                        if boundary and not engine.was_step_applied():
+                            bad = "gradients"
+                if bad == "gradients" and cfg.deepspeed.precision == "fp16":
+                    # fp16 loss scaling: an overflow skips the step and lowers the scale (routine)
+                    epoch_batches.extend(epoch)  # this batch did not count toward the cap
+                    state["overflow_steps"] = state.get("overflow_steps", 0) + 1
+                    tracker.log_now({"train/fp16_overflow_steps": float(state["overflow_steps"])},
+                                    step + 1)
+                    wait_start = time.perf_counter()
+                    continue
+                if bad:
+                    epoch_batches.extend(epoch)  # this batch did not count toward the cap
+                    state["nonfinite_steps"] += 1
+                    key = "nonfinite_grad_steps" if bad == "gradients" else "nonfinite_loss_steps"
+                    state[key] = state.get(key, 0) + 1
+                    streak.append(batches_seen)
+                    tracker.log_now({"train/nonfinite_steps": float(state["nonfinite_steps"]),
+                                     f"train/{key}": float(state[key])}, step + 1)
+                    if rank == 0:
+                        print(f"[train] non-finite {bad} at step {step + 1}: step skipped "
+                              f"({len(streak)} in a row, {state['nonfinite_steps']} in all)",
+                              file=sys.stderr, flush=True)
+                    if len(streak) >= cfg.faults.max_consecutive_nonfinite:
+                        raise NonFiniteLossError(
+                            f"{len(streak)} consecutive non-finite losses or gradients after step "
+                            f"{step} (faults.max_consecutive_nonfinite="
+                            f"{cfg.faults.max_consecutive_nonfinite}); the last good checkpoint is "
+                            f"the newest one in the run folder (step {state.get('saved_step', 0)})")
+                    wait_start = time.perf_counter()
+                    continue
+                streak.clear()
+                state["step"] = step = step + 1
+                steps_this_epoch += 1
+                steps_done += 1
+                done = time.perf_counter()
+                wait_total += got_batch - wait_start
+                compute_total += done - got_batch
+                if start_wait is None:
+                    start_wait = got_batch - wait_start
+                metrics = {
+                    **logs, "train/epoch": float(epoch), "train/stage_grqo": float(stage == "grqo"),
+                    "train/lr": optimizer.param_groups[0]["lr"],  # the head group (backbone: x0.1)
+                    "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                    "train/samples_per_s": len(batch["image_ids"]) * world / (done - wait_start),
+                    "train/step_seconds": done - wait_start,
+                    "train/compute_seconds": done - got_batch,
+                    "train/data_wait_fraction": wait_total / max(wait_total + compute_total, 1e-9),
+                    # the same without the epoch's first batch (a fixed cost per epoch, ~0.4 s here:
+                    # Ray Data starts a new execution; it weighs little in long epochs)
+                    "train/data_wait_fraction_steady": (wait_total - start_wait) / max(
+                        wait_total - start_wait + compute_total, 1e-9),
+                    "train/epoch_start_wait_seconds": start_wait,
+                }
+                if step % cfg.mlflow.log_every_steps == 0:  # the same steps on every rank
+                    metrics.update(quality.metrics("data/"))  # collective: every rank
+                if reference is not None and stage == "grqo":
+                    metrics.update(reference.stats())
+                tracker.log(metrics, step, epoch=epoch, stage=stage)
+                if step % cfg.checkpointing.every_steps == 0:
+                    state["steps_in_epoch"] = steps_this_epoch
+                    save(_report_metrics(metrics))
+                    state.pop("steps_in_epoch")
+                wait_start = time.perf_counter()
+                if cap and steps_this_epoch >= cap:
+                    break
+            state["epoch"] = epoch + 1
+            if cfg.eval.every_epochs and state["epoch"] % cfg.eval.every_epochs == 0:
+                _evaluate(cfg, engine, config, tracker, state["step"], epoch)
+    finally:
+        epoch_batches.close()
+    save(_report_metrics(metrics))
     tracker.log_now(quality.metrics("data/"), state["step"])  # collective: every rank
     skipped = quality.gather_errors()  # collective: every rank
     if skipped:
