@@ -3,6 +3,7 @@ their figures are ratios printed in one run, never asserted on time)."""
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from dinor1.bench.model_step import matmul_peak, run_model_benchmark
@@ -31,3 +32,31 @@ def test_plain_loop_runs_the_jobs_model_objective_and_batches(tmp_path):
     cfg = load_train_config(Path(__file__).parents[1] / "jobs" / "demo.yaml", [f"data.train_shards={shards}",
                                                "data.train_short_sides=[96]"])
     assert plain_loop_step_seconds(cfg, str(shards), steps=2, skip=1, threads=1) > 0
+
+
+@pytest.mark.ray
+def test_ray_node_cpu_accounting_sees_the_task_workers(ray_cluster):
+    """The data benchmark's CPU accounting (psutil over the Ray node this process started)
+    attributes a task's CPU to the task workers and this process's to the consumer."""
+    import time
+
+    from dinor1.bench.data_throughput import ray_node_cpu_seconds
+
+    @ray_cluster.remote
+    def burn(seconds):
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+        return True
+
+    assert ray_cluster.get(burn.remote(0.01))  # a worker exists before the first snapshot
+    before = ray_node_cpu_seconds()
+    assert ray_cluster.get(burn.remote(0.6))
+    end = time.thread_time() + 0.3
+    while time.thread_time() < end:
+        pass
+    after = ray_node_cpu_seconds()
+    used = {k: after[k] - before[k] for k in after}
+    assert 0.5 <= used["task_workers"] < 2.0
+    assert used["consumer"] >= 0.25
+    assert set(used) == {"consumer", "task_workers", "actors", "daemons"}

@@ -17,6 +17,17 @@ for Ray), the pipeline's time to its first batch, and
     ratio per core = (pipeline samples/s / cores) / (single-process samples/s)
 
 where cores = ``min(num_cpus, shards)``, the cores the pipeline could use.
+
+On a machine with few cores that wall-clock ratio mixes the pipeline's cost with Ray's own
+processes competing for the same cores, so the same run also counts CPU time (``psutil``, every
+process of the Ray node the benchmark started) per sample: the task workers (read + decode), this
+process (Ray's batch iterator, the streaming executor, the collate), Ray's daemons and actors;
+and the single process's read+decode and collate apart. Their quotient
+
+    read+decode efficiency = single-process read+decode CPU / Ray task workers' CPU (per sample)
+
+is the per-core figure free of core sharing: 1.0 would be Ray's decode stage costing nothing more
+per sample than the same code in one process.
 """
 
 from __future__ import annotations
@@ -30,7 +41,10 @@ from pathlib import Path
 import torch
 
 
-def _single_process_epoch(shard_set, cfg, normalize: bool) -> tuple[int, float]:
+def _single_process_epoch(shard_set, cfg, normalize: bool,
+                          cpu: dict | None = None) -> tuple[int, float]:
+    """(samples, seconds); adds this thread's CPU seconds spent in read+decode and in the
+    collate to ``cpu["read_decode"]`` and ``cpu["collate"]``."""
     from dinor1.data.datasource import iter_shard_rows
     from dinor1.data.pipeline import collate_fn
     from dinor1.data.transforms import DecodeSample
@@ -38,10 +52,16 @@ def _single_process_epoch(shard_set, cfg, normalize: bool) -> tuple[int, float]:
     decode = DecodeSample(max(cfg.train_short_sides), cfg.train_max_size, shard_set.category_ids)
     collate = collate_fn(cfg, train=True, normalize=normalize)
     t0, n, rows = time.perf_counter(), 0, []
+    cpu = {} if cpu is None else cpu
+    collate_cpu, start_cpu = 0.0, time.thread_time()
 
     def flush():
+        nonlocal collate_cpu
+        c0 = time.thread_time()
         batch = {k: [r[k] for r in rows] for k in rows[0]}
-        return len(collate(batch)["image_ids"])
+        done = len(collate(batch)["image_ids"])
+        collate_cpu += time.thread_time() - c0
+        return done
 
     for path in shard_set.paths:
         with shard_set.filesystem.open_input_stream(path) as f:
@@ -52,7 +72,50 @@ def _single_process_epoch(shard_set, cfg, normalize: bool) -> tuple[int, float]:
                     rows = []
     if rows:
         n += flush()
-    return n, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    cpu["collate"] = cpu.get("collate", 0.0) + collate_cpu
+    cpu["read_decode"] = cpu.get("read_decode", 0.0) + time.thread_time() - start_cpu - collate_cpu
+    return n, seconds
+
+
+def ray_node_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this process and by every process of the
+    Ray node this process started, grouped: ``consumer`` (this process), ``task_workers``
+    (the raylet's worker processes that are not actors), ``actors`` (Ray Data's stats and
+    autoscaling actors, agents) and ``daemons`` (raylet, GCS, dashboard, monitors)."""
+    import psutil
+    import ray
+
+    def used(proc: psutil.Process) -> float:
+        try:
+            times = proc.cpu_times()
+            return times.user + times.system
+        except psutil.Error:  # ended between listing and reading
+            return 0.0
+
+    me = psutil.Process()
+    totals = {"consumer": used(me), "task_workers": 0.0, "actors": 0.0, "daemons": 0.0}
+    node = ray._private.worker._global_node  # the node ray.init started here (private API)
+    raylets = []
+    for kind, infos in node.all_processes.items():
+        for info in infos:
+            proc = psutil.Process(info.process.pid)
+            totals["daemons"] += used(proc)
+            if kind == "raylet":
+                raylets.append(proc)
+    for raylet in raylets:
+        for child in raylet.children(recursive=True):
+            try:
+                name = " ".join(child.cmdline())
+            except psutil.Error:
+                continue
+            if not name.startswith("ray::"):
+                totals["daemons"] += used(child)
+            elif any(word in name for word in ("Actor", "Agent", "Coordinator")):
+                totals["actors"] += used(child)
+            else:  # "ray::IDLE" or the task it runs now (ReadShard, MapBatches(...))
+                totals["task_workers"] += used(child)
+    return totals
 
 
 def _ray_epoch(ds, cfg, normalize: bool) -> tuple[int, float, float]:
@@ -106,18 +169,23 @@ def run_data_benchmark(
     forms = {"uint8": False, "float": True}  # form -> normalised in the collate
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    single_cpu: dict[str, float] = {}  # of the uint8 epochs
     try:
-        single = {form: max(n / t for n, t in (_single_process_epoch(shard_set, cfg, norm)
-                                               for _ in range(repeats)))
-                  for form, norm in forms.items()}
+        single = {form: max(n / t for n, t in (
+            _single_process_epoch(shard_set, cfg, norm, single_cpu if not norm else None)
+            for _ in range(repeats))) for form, norm in forms.items()}
         ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
                  log_to_driver=False)
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False
             ds = detection_dataset(shard_set, cfg, train=True)
             _ray_epoch(ds, cfg, True)  # warm-up: worker start and imports
-            pipeline = {form: [_ray_epoch(ds, cfg, norm) for _ in range(repeats)]
-                        for form, norm in forms.items()}
+            pipeline, ray_cpu = {}, {}
+            for form, norm in forms.items():
+                before = ray_node_cpu_seconds()
+                pipeline[form] = [_ray_epoch(ds, cfg, norm) for _ in range(repeats)]
+                after = ray_node_cpu_seconds()
+                ray_cpu[form] = {k: after[k] - before[k] for k in after}
         finally:
             ray.shutdown()
     finally:
@@ -145,4 +213,19 @@ def run_data_benchmark(
         print(f"    speedup                      {r['speedup']:8.2f}x")
         print(f"    ratio per core used ({cores})   {r['ratio_per_core']:8.2f}   (target >= 0.9)")
         assert np.isfinite(r["ratio_per_core"])
+    single_samples = repeats * samples
+    ms = {k: 1000 * v / single_samples for k, v in single_cpu.items()}
+    used = {k: 1000 * v / (repeats * samples) for k, v in ray_cpu["uint8"].items()}
+    wall = sum(t for _, t, _ in pipeline["uint8"])
+    result["cpu_ms_per_sample"] = {"single_process": ms, "ray": used}
+    result["read_decode_efficiency"] = ms["read_decode"] / used["task_workers"]
+    print("  CPU per sample, uint8 batches (ms; psutil, all processes of the Ray node):")
+    print(f"    single process               read+decode {ms['read_decode']:.3f}, collate "
+          f"{ms['collate']:.3f}")
+    print(f"    Ray Data pipeline            task workers (read+decode) {used['task_workers']:.3f}, "
+          f"this process (iterator, executor, collate) {used['consumer']:.3f}, Ray daemons "
+          f"{used['daemons']:.3f}, actors {used['actors']:.3f}; cores busy "
+          f"{sum(ray_cpu['uint8'].values()) / wall:.2f} of {os.cpu_count()}")
+    print(f"    read+decode efficiency       {result['read_decode_efficiency']:8.2f}   (single "
+          "process / Ray task workers, CPU per sample)")
     return result
