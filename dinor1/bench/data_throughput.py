@@ -120,12 +120,18 @@ def ray_node_cpu_seconds() -> dict[str, float]:
 
 def _ray_epoch(ds, cfg, normalize: bool) -> tuple[int, float, float]:
     """(samples, seconds, seconds to the first batch) of one epoch through the pipeline."""
+    from dinor1.data.epochs import EpochBatches
     from dinor1.data.pipeline import iter_collated_batches
 
+    # consumed as the training loop does: collated in a thread of its own, a few batches ahead
+    epochs = EpochBatches(lambda e: iter_collated_batches(ds, cfg, train=True, epoch=e,
+                                                          device="cpu", normalize=normalize),
+                          [0], lookahead=cfg.epoch_lookahead_batches)
     t0, n, first = time.perf_counter(), 0, None
-    for batch in iter_collated_batches(ds, cfg, train=True, device="cpu", normalize=normalize):
+    for batch in epochs.batches(0):
         first = time.perf_counter() - t0 if first is None else first
         n += len(batch["image_ids"])
+    epochs.close()
     return n, time.perf_counter() - t0, first or 0.0
 
 

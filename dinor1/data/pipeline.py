@@ -28,6 +28,7 @@ from ray.data import FileShuffleConfig
 
 from data_pipelines.shard_format import MANIFEST_NAME, SHARD_RE
 from dinor1.config import DataConfig
+from dinor1.data.batching import iter_row_batches
 from dinor1.data.collate import DetectionCollateFn, normalize_pixels
 from dinor1.data.datasource import ShardDatasource
 from dinor1.data.transforms import DecodeSample
@@ -151,19 +152,44 @@ def _normalizes_on_device(cfg: DataConfig, device: Any) -> bool:
     return torch.device(device).type != "cpu"
 
 
+def _resolve_device(device: Any) -> torch.device:
+    if device == "auto":  # as Ray's iter_torch_batches: the Train worker's device, else CPU
+        from ray.train.torch import get_device
+        from ray.train.utils import _in_ray_train_worker
+
+        device = get_device() if _in_ray_train_worker() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # pin "cuda" to this thread's device now
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def iter_collated_batches(data, cfg: DataConfig, *, train: bool, epoch: int = 0,
                           device: Any = "auto", normalize: bool = True):
-    """Ray's ``iter_torch_batches`` with :class:`DetectionCollateFn`; with ``normalize=False``
-    ``pixel_values`` stay uint8 (see :func:`~dinor1.data.collate.normalize_pixels`)."""
+    """Batches of ``cfg.batch_size`` collated by :class:`DetectionCollateFn` from a Ray Dataset
+    or ``DataIterator``, moved to ``device``. Whole blocks come from Ray (``prefetch_batches``
+    of them fetched ahead) and are cut into batches by :func:`iter_row_batches`, so each image
+    is copied once, into the padded batch; the local shuffle buffer is seeded by
+    (``seed``, ``epoch``). With ``normalize=False`` ``pixel_values`` stay uint8 (see
+    :func:`~dinor1.data.collate.normalize_pixels`)."""
     shuffle = train and cfg.local_shuffle_buffer > 0
-    return data.iter_torch_batches(
-        batch_size=cfg.batch_size,
-        collate_fn=collate_fn(cfg, train=train, epoch=epoch, normalize=normalize),
-        local_shuffle_buffer_size=cfg.local_shuffle_buffer if shuffle else None,
-        local_shuffle_seed=cfg.seed + epoch if shuffle else None,
-        prefetch_batches=cfg.prefetch_batches,
-        device=device,
-    )
+    collate = collate_fn(cfg, train=train, epoch=epoch, normalize=normalize)
+    target = _resolve_device(device)
+    blocks = data.iter_batches(batch_size=None, batch_format="numpy",
+                               prefetch_batches=cfg.prefetch_batches)
+    try:
+        for rows in iter_row_batches(blocks, cfg.batch_size,
+                                     shuffle_buffer=cfg.local_shuffle_buffer if shuffle else 0,
+                                     seed=[cfg.seed, epoch]):
+            batch = collate(rows)
+            if target.type != "cpu":
+                batch = {k: v.to(target) if isinstance(v, torch.Tensor) else v
+                         for k, v in batch.items()}
+            yield batch
+    finally:  # ends this epoch's read (a streaming split's coordinator is told) when left early
+        close = getattr(blocks, "close", None)
+        if close is not None:
+            close()
 
 
 def iter_detection_batches(
