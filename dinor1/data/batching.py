@@ -2,9 +2,9 @@
 
 Ray's own batching (``iter_batches(batch_size=N)``, and its local shuffle buffer) concatenates the
 tensor columns of the blocks a batch spans, a full copy of every image, before the collate copies
-it again into the padded batch. At 640 px that made the trainer's side of the pipeline cost 1.0-1.4
-ms of CPU per sample against 0.65-0.69 ms this way (``dinor1 bench data``): here batches only
-hold references to rows of the blocks (zero-copy views of Ray's object store) and
+it again into the padded batch (``dinor1 bench data``, consumer CPU per sample: 0.67 -> 0.43 ms
+at 384 px, 1.52 -> 0.96-1.03 ms at 640 px). Here batches only hold references to rows of the
+blocks (zero-copy views of Ray's object store) and
 :class:`~dinor1.data.collate.DetectionCollateFn` makes the one copy into the padded batch.
 
 A row batch is ``{column: [value per row]}``, the form the collate takes.

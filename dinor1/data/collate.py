@@ -1,7 +1,9 @@
 """Collate decoded rows into padded detection batches on the training worker.
 
-Used as ``iter_torch_batches(collate_fn=DetectionCollateFn(...))`` inside a Ray Train worker
-(on the iterator from ``ray.train.get_dataset_shard``) or on any Ray Dataset.
+Called on the row batches of :func:`~dinor1.data.batching.iter_row_batches` (see
+:func:`~dinor1.data.pipeline.iter_collated_batches`) inside a Ray Train worker, on the iterator
+from ``ray.train.get_dataset_shard``, or on any Ray Dataset; it is also a ``NumpyBatchCollateFn``,
+so Ray's ``iter_torch_batches(collate_fn=...)`` takes it as it is.
 """
 
 from __future__ import annotations
