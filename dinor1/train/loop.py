@@ -337,6 +337,12 @@ def train_loop_per_worker(config: dict) -> None:
         [e for e in range(start_epoch, len(stages))  # (not one saved at its last step)
          if not (e == start_epoch and cap and resume_skip >= cap)],
         lookahead=cfg.data.epoch_lookahead_batches, limit=cap or None)
+
+    def count_skipped(epoch: int, step: int, key: str, metric: str) -> None:
+        epoch_batches.extend(epoch)  # this batch did not count toward the cap
+        state[key] = state.get(key, 0) + 1
+        tracker.log_now({metric: float(state[key])}, step + 1)
+
     try:
         for epoch in range(start_epoch, len(stages)):
             stage = stages[epoch]
@@ -374,10 +380,7 @@ def train_loop_per_worker(config: dict) -> None:
                 set_lr(optimizer, base_lrs, lr_factor(step, epoch, cfg))
                 quality.update(batch)
                 if _any_empty(batch):  # a worker drew only corrupt samples: all skip this batch
-                    epoch_batches.extend(epoch)  # this batch did not count toward the cap
-                    state["empty_batches"] = state.get("empty_batches", 0) + 1
-                    tracker.log_now({"train/empty_batches": float(state["empty_batches"])},
-                                    step + 1)
+                    count_skipped(epoch, step, "empty_batches", "train/empty_batches")
                     wait_start = time.perf_counter()
                     continue
                 loss, logs = engine(batch, stage=stage, settings=objective,
@@ -405,10 +408,7 @@ def train_loop_per_worker(config: dict) -> None:
                             bad = "gradients"
                 if bad == "gradients" and cfg.deepspeed.precision == "fp16":
                     # fp16 loss scaling: an overflow skips the step and lowers the scale (routine)
-                    epoch_batches.extend(epoch)  # this batch did not count toward the cap
-                    state["overflow_steps"] = state.get("overflow_steps", 0) + 1
-                    tracker.log_now({"train/fp16_overflow_steps": float(state["overflow_steps"])},
-                                    step + 1)
+                    count_skipped(epoch, step, "overflow_steps", "train/fp16_overflow_steps")
                     wait_start = time.perf_counter()
                     continue
                 if bad:
