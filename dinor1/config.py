@@ -47,7 +47,7 @@ class DataConfig(StrictModel):
     # slow block.
     preserve_order: bool = False
     local_shuffle_buffer: int = Field(256, ge=0)
-    prefetch_batches: int = Field(2, ge=0)
+    prefetch_batches: int = Field(2, ge=0)  # decoded blocks fetched ahead from Ray
     # training batches pulled ahead by a thread of the loop's own, across epoch ends: the next
     # epoch's Ray Data execution (~0.45 s to its first batch on a 2-core machine) starts while
     # these train (dinor1.data.epochs); 0 = iterate Ray's iterator directly

@@ -9,7 +9,7 @@
     for batch in iter_detection_batches(shard, cfg, train=True, epoch=epoch): ...
 
 Shuffling is seeded: the file order by ``FileShuffleConfig(seed)`` (a new order each epoch, the
-same sequence of orders for the same seed) and the local buffer by ``seed + epoch``. Which worker
+same sequence of orders for the same seed) and the local buffer by (``seed``, ``epoch``). Which worker
 receives which block is decided at run time by Ray's streaming split, so the per-worker order is
 reproducible only with ``DataContext.execution_options.preserve_order``.
 """
