@@ -466,6 +466,8 @@ def train_loop_per_worker(config: dict) -> None:
                 wait_start = time.perf_counter()
                 if cap and steps_this_epoch >= cap:
                     break
+            if hasattr(batches, "close"):  # left at the cap: drop what is buffered of this epoch
+                batches.close()
             state["epoch"] = epoch + 1
             if cfg.eval.every_epochs and state["epoch"] % cfg.eval.every_epochs == 0:
                 _evaluate(cfg, engine, config, tracker, state["step"], epoch)
