@@ -219,9 +219,9 @@ def run_data_benchmark(
         print(f"    speedup                      {r['speedup']:8.2f}x")
         print(f"    ratio per core used ({cores})   {r['ratio_per_core']:8.2f}   (target >= 0.9)")
         assert np.isfinite(r["ratio_per_core"])
-    single_samples = repeats * samples
-    ms = {k: 1000 * v / single_samples for k, v in single_cpu.items()}
-    used = {k: 1000 * v / (repeats * samples) for k, v in ray_cpu["uint8"].items()}
+    measured = repeats * samples  # on each side, in the uint8 epochs
+    ms = {k: 1000 * v / measured for k, v in single_cpu.items()}
+    used = {k: 1000 * v / measured for k, v in ray_cpu["uint8"].items()}
     wall = sum(t for _, t, _ in pipeline["uint8"])
     result["cpu_ms_per_sample"] = {"single_process": ms, "ray": used}
     result["read_decode_efficiency"] = ms["read_decode"] / used["task_workers"]

@@ -44,7 +44,7 @@ class EpochBatches:
     def __init__(self, make_batches: Callable[[int], Iterable[Any]], epochs: Iterable[int], *,
                  lookahead: int, limit: int | None = None) -> None:
         self._make, self._epochs = make_batches, list(epochs)
-        self._lookahead, self._limit = lookahead, limit
+        self._limit = limit
         self._extra: dict[int, int] = {}  # epoch -> batches the consumer did not count
         self._left: set[int] = set()  # epochs the consumer has left: pull no more of them
         self._error: BaseException | None = None  # raised by the thread, re-raised here
