@@ -28,7 +28,7 @@ from ray.data import FileShuffleConfig
 
 from data_pipelines.shard_format import MANIFEST_NAME, SHARD_RE
 from dinor1.config import DataConfig
-from dinor1.data.batching import iter_row_batches
+from dinor1.data.batching import iter_row_batches, numpy_blocks
 from dinor1.data.collate import DetectionCollateFn, normalize_pixels
 from dinor1.data.datasource import ShardDatasource
 from dinor1.data.transforms import DecodeSample
@@ -168,17 +168,17 @@ def iter_collated_batches(data, cfg: DataConfig, *, train: bool, epoch: int = 0,
                           device: Any = "auto", normalize: bool = True):
     """Batches of ``cfg.batch_size`` collated by :class:`DetectionCollateFn` from a Ray Dataset
     or ``DataIterator``, moved to ``device``. Whole blocks come from Ray (``prefetch_batches``
-    of them fetched ahead) and are cut into batches by :func:`iter_row_batches`, so each image
-    is copied once, into the padded batch; the local shuffle buffer is seeded by
-    (``seed``, ``epoch``). With ``normalize=False`` ``pixel_values`` stay uint8 (see
+    of them fetched ahead), converted to numpy a chunk at a time (:func:`numpy_blocks`) and cut
+    into batches by :func:`iter_row_batches`, so each image is copied once, into the padded
+    batch; the local shuffle buffer is seeded by (``seed``, ``epoch``). With ``normalize=False`` ``pixel_values`` stay uint8 (see
     :func:`~dinor1.data.collate.normalize_pixels`)."""
     shuffle = train and cfg.local_shuffle_buffer > 0
     collate = collate_fn(cfg, train=train, epoch=epoch, normalize=normalize)
     target = _resolve_device(device)
-    blocks = data.iter_batches(batch_size=None, batch_format="numpy",
+    blocks = data.iter_batches(batch_size=None, batch_format="pyarrow",
                                prefetch_batches=cfg.prefetch_batches)
     try:
-        for rows in iter_row_batches(blocks, cfg.batch_size,
+        for rows in iter_row_batches(numpy_blocks(blocks), cfg.batch_size,
                                      shuffle_buffer=cfg.local_shuffle_buffer if shuffle else 0,
                                      seed=[cfg.seed, epoch]):
             batch = collate(rows)

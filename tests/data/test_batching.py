@@ -45,3 +45,25 @@ def test_shuffle_is_a_seeded_permutation():
     assert first == order([0, 1])  # the same seed and epoch: the same order
     assert first != order([0, 2])  # another epoch: another order
     assert first != [str(i) for i in range(33)]
+
+
+def test_numpy_blocks_keeps_chunks_apart_and_images_zero_copy():
+    """A multi-chunk Arrow block becomes one numpy block per chunk, every row in order, the
+    tensor column a view of the Arrow buffers (Ray's own conversion concatenates the chunks)."""
+    import pyarrow as pa
+    from ray.data.block import BlockAccessor
+
+    from dinor1.data.batching import numpy_blocks
+
+    chunks = [BlockAccessor.batch_to_block(b) for b in _blocks([3, 5])]
+    table = pa.concat_tables(chunks)
+    assert table["image"].num_chunks == 2
+    blocks = list(numpy_blocks([table, table.slice(0, 0)]))
+    assert [len(b["key"]) for b in blocks] == [3, 5]
+    assert [k for b in blocks for k in b["key"]] == [str(i) for i in range(8)]
+    image = blocks[1]["image"][2]
+    assert image.shape == (4, 5, 3) and int(image[0, 0, 0]) == 5
+    arrow_data = table["image"].chunks[1].storage.buffers()[-1]
+    assert np.shares_memory(image, np.frombuffer(arrow_data, np.uint8))
+    rows = [k for b in iter_row_batches(numpy_blocks([table]), 4) for k in b["key"]]
+    assert rows == [str(i) for i in range(8)]

@@ -248,3 +248,24 @@ def test_trainer_workers_get_disjoint_shards_covering_the_epoch(ray_cluster, tmp
         b = json.loads((out / f"rank1-epoch{epoch}.json").read_text())
         assert a and b and not set(a) & set(b)
         assert sorted(a + b) == list(range(1, 25))
+
+
+@pytest.mark.parametrize("short_side", [40, 20])  # as decoded, and resized first
+def test_flip_of_read_only_rows_equals_a_plain_flip(short_side):
+    """Rows from Ray's object store are read-only views: the collate takes them without a copy
+    of its own and its flip (done in HWC order) is the plain horizontal flip of the pixels."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    view = np.frombuffer(pixels.tobytes(), np.uint8).reshape(pixels.shape)
+    assert not view.flags.writeable
+    rows = {"key": np.array(["a"]), "error": np.array([""], dtype=object), "image": [view],
+            "boxes": [np.array([[0.25, 0.5, 0.1, 0.2]], np.float32)],
+            "labels": [np.array([3])], "image_id": np.array([1]),
+            "orig_size": np.array([[40, 60]]), "dropped_boxes": np.array([0])}
+    kwargs = dict(train=True, short_sides=(short_side,), max_size=100, normalize=False)
+    flipped = DetectionCollateFn(hflip_prob=1.0, **kwargs)(rows)["pixel_values"][0]
+    kept = DetectionCollateFn(hflip_prob=0.0, **kwargs)(rows)["pixel_values"][0]
+    assert flipped.shape == (3, short_side, short_side * 3 // 2)
+    assert torch.equal(flipped, kept.flip(-1))
+    if short_side == 40:
+        assert torch.equal(kept, torch.from_numpy(pixels).permute(2, 0, 1))
