@@ -32,24 +32,14 @@ def main() -> None:
     import torch
     from ray.data.block import BlockAccessor
 
+    from dinor1.bench.data_throughput import synthetic_jpeg_shards
     from dinor1.config import DataConfig
     from dinor1.data.batching import iter_row_batches, numpy_blocks
     from dinor1.data.pipeline import collate_fn, detection_dataset, open_shard_set
 
-    shards = args.shards
-    if shards is None:
-        from data_pipelines.converters import load_coco
-        from data_pipelines.shard_writer import write_shards
-        from data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
-
-        work = Path(tempfile.mkdtemp(prefix="dinor1-blocks-"))
-        config = SyntheticConfig(image_size=args.image_size, num_train=args.num_images,
-                                 num_val=1, num_support=1, image_format="jpg")
-        ann = generate_synthetic_coco(work / "coco", config, num_workers=2)["train"]
-        shards = str(work / "shards")
-        write_shards(load_coco(ann, work / "coco" / "images" / "train"), shards,
-                     samples_per_shard=max(1, args.num_images // 8), num_workers=2,
-                     progress=False)
+    shards = args.shards or synthetic_jpeg_shards(
+        Path(tempfile.mkdtemp(prefix="dinor1-blocks-")), args.num_images, args.image_size,
+        samples_per_shard=max(1, args.num_images // 8), num_workers=2)
     torch.set_num_threads(1)
     side = min(800, args.image_size)
     cfg = DataConfig(batch_size=args.batch_size, train_short_sides=[side],

@@ -41,6 +41,22 @@ from pathlib import Path
 import torch
 
 
+def synthetic_jpeg_shards(work: Path, num_images: int, image_size: int, samples_per_shard: int,
+                          num_workers: int) -> str:
+    """Shards of ``num_images`` synthetic square JPEGs under ``work``; returns the shard folder."""
+    from data_pipelines.converters import load_coco
+    from data_pipelines.shard_writer import write_shards
+    from data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
+
+    config = SyntheticConfig(image_size=image_size, num_train=num_images, num_val=1,
+                             num_support=1, image_format="jpg")
+    ann = generate_synthetic_coco(work / "coco", config, num_workers=num_workers)["train"]
+    shards = str(work / "shards")
+    write_shards(load_coco(ann, work / "coco" / "images" / "train"), shards,
+                 samples_per_shard=samples_per_shard, num_workers=num_workers, progress=False)
+    return shards
+
+
 def _single_process_epoch(shard_set, cfg, normalize: bool,
                           cpu: dict | None = None) -> tuple[int, float]:
     """(samples, seconds); adds this thread's CPU seconds spent in read+decode and in the
@@ -155,18 +171,9 @@ def run_data_benchmark(
 
     num_cpus = num_cpus or os.cpu_count() or 1
     if shards is None:
-        from data_pipelines.converters import load_coco
-        from data_pipelines.shard_writer import write_shards
-        from data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
-
         work = Path(work_dir or tempfile.mkdtemp(prefix="dinor1-bench-"))
-        config = SyntheticConfig(image_size=image_size, num_train=num_images, num_val=1,
-                                 num_support=1, image_format="jpg")
-        ann = generate_synthetic_coco(work / "coco", config, num_workers=num_cpus)["train"]
-        shards = str(work / "shards")
         per_shard = max(1, -(-num_images // (4 * num_cpus)))  # enough files to spread over cores
-        write_shards(load_coco(ann, work / "coco" / "images" / "train"), shards,
-                     samples_per_shard=per_shard, num_workers=num_cpus, progress=False)
+        shards = synthetic_jpeg_shards(work, num_images, image_size, per_shard, num_cpus)
     shard_set = open_shard_set(shards)
     side = min(800, image_size)
     cfg = DataConfig(batch_size=batch_size, train_short_sides=[side], train_max_size=1333,
