@@ -1,5 +1,6 @@
 """iter_row_batches: exact batch sizes across block boundaries, order kept without a shuffle, a
-seeded permutation with one, and rows that are views of the blocks (no copy before the collate)."""
+seeded permutation with one, and rows that are views of the blocks (no copy before the collate);
+numpy_blocks: Arrow blocks converted a chunk at a time, images left as views."""
 
 import numpy as np
 import pytest

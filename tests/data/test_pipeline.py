@@ -252,8 +252,8 @@ def test_trainer_workers_get_disjoint_shards_covering_the_epoch(ray_cluster, tmp
 
 @pytest.mark.parametrize("short_side", [40, 20])  # as decoded, and resized first
 def test_flip_of_read_only_rows_equals_a_plain_flip(short_side):
-    """Rows from Ray's object store are read-only views: the collate takes them without a copy
-    of its own and its flip (done in HWC order) is the plain horizontal flip of the pixels."""
+    """Rows from Ray's object store are read-only views: the collate accepts them as they are,
+    and its flip (done in HWC order) is the plain horizontal flip of the pixels."""
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
     view = np.frombuffer(pixels.tobytes(), np.uint8).reshape(pixels.shape)
