@@ -10,8 +10,11 @@ import time
 
 import torch
 
+from dinor1.bench.saved_tensors import SavedTensors
+
 IMAGE = (800, 1333)  # the paper's test size and the training maximum (short 800, long <= 1333)
 PROMPTS, BOXES = 32, 16  # per batch: categories (visual prompts) and GT boxes per image
+
 
 def build(preset: str, device: str = "meta"):
     """The model exactly as ``dinor1 train`` builds it for ``model.init=preset``."""
@@ -35,7 +38,7 @@ def no_gradient_prefixes() -> dict[str, int]:
     model = build("tiny-cpu", "cpu")
     g = torch.Generator().manual_seed(0)
     batch = synthetic_batch(2, 128, 128, 4, g)
-    loss, _ = training_losses(model, batch, stage="sft", generator=g)
+    loss, _ = training_losses(model, batch, stage="sft", generators=g)
     loss.backward()
     found: dict[str, int] = {}
     for name, p in model.named_parameters():
@@ -90,28 +93,6 @@ def synthetic_batch(batch: int, height: int, width: int, boxes: int, g: torch.Ge
             "class_labels": torch.arange(batch * boxes) % 6,
             "num_boxes": torch.tensor([boxes] * batch),
             "image_ids": torch.arange(batch), "num_skipped": torch.tensor(0)}
-
-
-class SavedTensors:
-    """Sum of the distinct storages autograd saves for backward (parameters excluded)."""
-
-    def __init__(self, model):
-        self.params = {p.untyped_storage()._cdata for p in model.parameters()}
-        self.seen: dict[int, int] = {}
-
-    def pack(self, t):
-        storage = t.untyped_storage()
-        key = storage._cdata
-        if key not in self.params and key not in self.seen:
-            self.seen[key] = storage.nbytes()
-        return t
-
-    @property
-    def total(self) -> int:
-        return sum(self.seen.values())
-
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
 
 def policy_forward(model, batch, height, width, device, dtype, prompts=PROMPTS, boxes=BOXES,
@@ -230,7 +211,7 @@ def measure_cpu(height: int, width: int) -> dict:
         def step(stage=stage, saved=saved):
             with saved.hooks():
                 loss, _ = training_losses(model, batch, stage=stage.replace("timed", "sft"),
-                                          generator=g, reference=reference)
+                                          generators=g, reference=reference)
             loss.backward()
 
         if stage == "timed":

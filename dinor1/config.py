@@ -144,7 +144,7 @@ class ScalingSection(StrictModel):
     max_workers: int | None = Field(None, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
+    gpus_per_worker: float = Field(0.0, ge=0)  # 0 = 1 with use_gpu; other values refused
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
@@ -157,6 +157,10 @@ class DeepSpeedSection(StrictModel):
     # None keeps DeepSpeed's default (5e8: a 1.9 GiB fp32 buffer per worker under ZeRO-1/2)
     bucket_elements: int | None = Field(None, gt=0)
     overlap_comm: bool = False  # overlap gradient reduction with the backward (GPU)
+    # precision=bf16: reduce the gradients of Linear/Conv weights across workers in bf16
+    # (DeepSpeed's torch_autocast default: half the gradient traffic, 8 mantissa bits per
+    # worker's contribution); False (ours) reduces every gradient in fp32
+    bf16_gradient_reduce: bool = False
 
 
 class CheckpointSection(StrictModel):
@@ -182,6 +186,8 @@ class FaultsSection(StrictModel):
     inject_nonfinite_batches: list[int] = Field(default_factory=list)
     # ... and these get a finite loss but NaN gradients on rank 0 (caught after the backward)
     inject_nonfinite_grad_batches: list[int] = Field(default_factory=list)
+    # ... and these get NaN prompt logits inside the forward on rank 0 (before the matching)
+    inject_nonfinite_logits_batches: list[int] = Field(default_factory=list)
 
 
 class MLflowSection(StrictModel):
@@ -253,6 +259,13 @@ class TrainConfig(StrictModel):
                              "at another worker count; use a fixed scaling.num_workers")
         if self.scaling.gpus_per_worker and not self.scaling.use_gpu:
             raise ValueError("scaling.gpus_per_worker needs scaling.use_gpu=true")
+        if self.scaling.gpus_per_worker not in (0, 1):
+            # a worker is one process on one device: its DeepSpeed engine and its batches use
+            # ray.train.torch.get_device(); NCCL refuses two ranks on one GPU (a fraction), and
+            # a second GPU per worker would sit idle
+            raise ValueError(f"scaling.gpus_per_worker must be 1 (one GPU per worker), got "
+                             f"{self.scaling.gpus_per_worker:g}; for more GPUs raise "
+                             f"scaling.num_workers")
         if self.model.compile and self.deepspeed.zero_stage == 3:
             # ZeRO-3 gathers and releases partitioned weights in module hooks, which would run
             # inside the compiled submodules' graphs; only stages 0-2 are supported (and tested)

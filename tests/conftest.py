@@ -11,6 +11,47 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import pytest  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="torch device for tests that take the `device` fixture: cpu (default) "
+                          "or cuda (on a GPU machine: pytest --device cuda)")
+
+
+def pytest_configure(config):
+    name = config.getoption("--device")
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"--device must be cpu or cuda[:N], got {name!r}")
+    if name.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise pytest.UsageError(f"--device {name}: torch.cuda.is_available() is False here "
+                                    f"(torch {torch.__version__}); run without --device or on a "
+                                    "GPU machine")
+
+
+def pytest_collection_modifyitems(config, items):
+    """On ``--device cuda`` only the tests that take the ``device`` fixture run (the rest has
+    nothing device-specific, and a bare GPU machine lacks Ray, DeepSpeed and MLflow)."""
+    if config.getoption("--device") == "cpu":
+        return
+    selected = [item for item in items if "device" in getattr(item, "fixturenames", ())]
+    config.hook.pytest_deselected(items=[item for item in items if item not in selected])
+    items[:] = selected
+
+
+def pytest_report_header(config):
+    return f"device: {config.getoption('--device')}"
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig):
+    """The torch.device unit tests run on: ``--device`` (default cpu)."""
+    import torch
+
+    return torch.device(pytestconfig.getoption("--device"))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster (4 logical CPUs so Ray Data keeps CPU budget beside 2 trainer

@@ -78,3 +78,18 @@ def test_objective_steps_time_sft_and_grqo_without_ray():
     lines = out.stdout.strip().splitlines()
     assert lines[-2:] == ["[]", "True"]  # no such import; GRQO counts the reference's FLOPs too
     assert "GRQO / SFT step" in out.stdout
+
+
+def test_gpu_check_says_in_one_line_what_is_missing():
+    """bench/gpu_check.sh on a machine without a GPU (this one): one line, exit 1, nothing run."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    out = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "gpu_check: missing: a CUDA device (torch.cuda.is_available() is false)"]
+    assert out.stdout == ""

@@ -63,6 +63,7 @@ def _time_steps(model, *, batch_size: int, image_size: int, objects: int, seed: 
 
     from dinor1.model.denoising import build_denoising_queries
     from dinor1.model.prompts import assemble_training_prompts
+    from dinor1.model.randomness import step_generators
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(seed)
@@ -72,15 +73,17 @@ def _time_steps(model, *, batch_size: int, image_size: int, objects: int, seed: 
     labels = [torch.randint(0, 6, (objects,), generator=g).to(dev) for _ in range(batch_size)]
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if bf16
                 else contextlib.nullcontext())
+    generators = step_generators(seed, dev)  # host: exemplar choice; device: CDN noise
 
     def step():
         with autocast:
             features = model.image_features(pixels, mask)
-            prompts = assemble_training_prompts(model, features, boxes, labels, generator=g)
+            prompts = assemble_training_prompts(model, features, boxes, labels,
+                                                generator=generators.host)
             embeddings = prompts.embeddings[None].expand(batch_size, -1, -1)
             targets = [{"labels": t, "boxes": b} for t, b in zip(prompts.target_labels, boxes)]
             dn = build_denoising_queries(targets, embeddings, model.config.num_queries,
-                                         generator=g)
+                                         generator=generators.device)
             out = model(pixels, mask, model.visual_prompts(embeddings), features=features,
                         denoising=dn)
             loss = (out.logits.sigmoid().mean() + out.boxes.mean()

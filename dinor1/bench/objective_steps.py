@@ -3,8 +3,9 @@ step times, their ratio, images/s and MFU, measured in one run.
 
 The GPU figures the performance issue asks for (-T at 800x1333 in bf16: the GRQO step against
 the SFT step, images/s per GPU, MFU >= 0.35) come from here. It imports only torch,
-transformers and dinor1's model and objectives, which a bare GPU machine with PyTorch and
-transformers has (no Ray, DeepSpeed, pydantic or MLflow needed)::
+transformers, safetensors, scipy (the Hungarian matching) and dinor1's model and objectives
+(no Ray, DeepSpeed, pydantic or MLflow needed); ``bench/gpu_check.sh`` says in one line which
+of them a machine lacks::
 
     PYTHONPATH=. python3 -m dinor1.bench.objective_steps --preset swin-t --height 800 \\
         --width 1333 --batch-size 2 --device cuda --bf16 [--compare compile]
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import time
 
@@ -68,9 +70,11 @@ def time_objective_steps(*, preset: str = "tiny-cpu", batch_size: int = 2, heigh
     """Median seconds per SFT and per GRQO step, FLOPs of each, peak device memory."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from dinor1.model.randomness import step_generators
     from dinor1.objectives.reference import ReferenceModel
     from dinor1.objectives.step import ObjectiveSettings
 
+    os.environ.setdefault("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")  # as the training loop
     dev = torch.device(device)
     model, objective = _build(preset, seed, dev, compile_model)
     reference = ReferenceModel(model)
@@ -81,9 +85,9 @@ def time_objective_steps(*, preset: str = "tiny-cpu", batch_size: int = 2, heigh
                 else contextlib.nullcontext())
 
     def step(stage: str, index: int, precision=autocast) -> None:
-        generator = torch.Generator().manual_seed(seed + index)
+        generators = step_generators(seed + index, dev)
         with precision:
-            loss, _ = objective(batch, stage=stage, settings=settings, generator=generator,
+            loss, _ = objective(batch, stage=stage, settings=settings, generators=generators,
                                 reference=reference if stage == "grqo" else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -56,8 +56,9 @@ def plain_loop_step_seconds(cfg, shards: str, *, steps: int, skip: int, threads:
     from dinor1.data.datasource import iter_shard_rows
     from dinor1.data.pipeline import collate_fn, open_shard_set
     from dinor1.data.transforms import DecodeSample
+    from dinor1.model.randomness import step_generators, step_seed
     from dinor1.objectives.step import TrainingObjective
-    from dinor1.train.loop import _build_model, _objective_settings, _step_seed
+    from dinor1.train.loop import _build_model, _objective_settings
     from dinor1.train.optim import parameter_groups
 
     torch.set_num_threads(threads)
@@ -91,8 +92,8 @@ def plain_loop_step_seconds(cfg, shards: str, *, steps: int, skip: int, threads:
     times = []
     for step, batch in enumerate(batches):
         started = time.perf_counter()
-        generator = torch.Generator().manual_seed(_step_seed(cfg.seed, 0, step))
-        loss, _ = objective(batch, stage="sft", settings=settings, generator=generator)
+        generators = step_generators(step_seed(cfg.seed, 0, step), batch["pixel_values"].device)
+        loss, _ = objective(batch, stage="sft", settings=settings, generators=generators)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.deepspeed.gradient_clipping)

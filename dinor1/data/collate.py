@@ -20,6 +20,11 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from dinor1.data.quality import DROP_RULES, count_kinds, encode_errors
 from dinor1.data.transforms import resized_hw
 
+# batch keys read only on the host (counted, logged, listed): they stay on the CPU when the rest
+# of a batch moves to a GPU
+HOST_KEYS = frozenset({"image_ids", "num_skipped", "dropped_boxes", "skipped_by_kind",
+                       "dropped_by_rule", "clipped_boxes", "skipped_errors"})
+
 # Rows from Ray's object store are read-only views; the collate only reads them (every image is
 # copied into the padded batch), so torch's one-time warning about wrapping them is noise here.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable",
@@ -60,6 +65,8 @@ class DetectionCollateFn(NumpyBatchCollateFn):
                                               (``quality.decode_errors``; empty when none)
 
     :class:`~dinor1.data.quality.QualityCounter` sums the last five over batches and ranks.
+    The keys in :data:`HOST_KEYS` (bookkeeping read on the host) stay on the CPU when a batch
+    moves to a GPU: each would otherwise be copied there and read back every step.
 
     ``B`` may be 0 when every row of a batch was corrupt; training loops skip such batches.
     """

@@ -29,7 +29,7 @@ from ray.data import FileShuffleConfig
 from data_pipelines.shard_format import MANIFEST_NAME, SHARD_RE
 from dinor1.config import DataConfig
 from dinor1.data.batching import iter_row_batches, numpy_blocks
-from dinor1.data.collate import DetectionCollateFn, normalize_pixels
+from dinor1.data.collate import HOST_KEYS, DetectionCollateFn, normalize_pixels
 from dinor1.data.datasource import ShardDatasource
 from dinor1.data.transforms import DecodeSample
 from dinor1.errors import UserError
@@ -164,6 +164,14 @@ def _resolve_device(device: Any) -> torch.device:
     return device
 
 
+def move_batch(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on ``device``, except the host-side bookkeeping (``HOST_KEYS``)."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device) if isinstance(v, torch.Tensor) and k not in HOST_KEYS else v
+            for k, v in batch.items()}
+
+
 def iter_collated_batches(data, cfg: DataConfig, *, train: bool, epoch: int = 0,
                           device: Any = "auto", normalize: bool = True):
     """Batches of ``cfg.batch_size`` collated by :class:`DetectionCollateFn` from a Ray Dataset
@@ -182,10 +190,7 @@ def iter_collated_batches(data, cfg: DataConfig, *, train: bool, epoch: int = 0,
                                      shuffle_buffer=cfg.local_shuffle_buffer if shuffle else 0,
                                      seed=[cfg.seed, epoch]):
             batch = collate(rows)
-            if target.type != "cpu":
-                batch = {k: v.to(target) if isinstance(v, torch.Tensor) else v
-                         for k, v in batch.items()}
-            yield batch
+            yield move_batch(batch, target)
     finally:  # ends this epoch's read (a streaming split's coordinator is told) when left early
         close = getattr(blocks, "close", None)
         if close is not None:

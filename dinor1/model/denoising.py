@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dinor1.model.randomness import draw_on
+
 
 @dataclass
 class DenoisingMeta:
@@ -45,9 +47,12 @@ class DenoisingMeta:
         num_groups: number of CDN groups.
         max_gt: largest GT count in the batch (slots per half-group).
         positive_pairs: per image, (dn query indices [k], gt indices [k]) of the positive slots,
-            k = num_groups * n_b.
-        negative_indices: per image, dn query indices [num_groups * n_b] of the negative slots,
+            k = num_groups * m_b with m_b = the image's denoised GTs (all n_b of them unless it
+            has more than the budget allows).
+        negative_indices: per image, dn query indices [num_groups * m_b] of the negative slots,
             in the same (group, gt) order as positive_pairs.
+        denoised_boxes: sum of m_b over the batch.
+        total_boxes: sum of n_b over the batch.
     """
 
     num_dn: int
@@ -55,6 +60,14 @@ class DenoisingMeta:
     max_gt: int
     positive_pairs: list[tuple[torch.Tensor, torch.Tensor]]
     negative_indices: list[torch.Tensor]
+    denoised_boxes: int = 0
+    total_boxes: int = 0
+
+    @property
+    def denoised_fraction(self) -> float:
+        """Share of the batch's GT boxes that got dn queries (1.0 unless an image is denser than
+        the budget allows)."""
+        return self.denoised_boxes / self.total_boxes if self.total_boxes else 1.0
 
 
 @dataclass
@@ -106,7 +119,15 @@ def build_denoising_queries(
 ) -> DenoisingQueries | None:
     """Builds the CDN queries, their attention mask and the bookkeeping for the dn loss.
 
-    Slot ``s`` of an image is ``(group * 2 + is_negative) * max_gt + gt_index``.
+    Slot ``s`` of an image is ``(group * 2 + is_negative) * max_gt + slot_index``.
+
+    The dn queries never exceed the budget (``num_dn_queries >= 2``): ``num_groups = budget //
+    (2 * max_gt)``, at least 1, as DINO's dynamic groups; and where an image has more than
+    ``budget // 2`` boxes (dense data: Objects365 and LVIS images carry 100-300), a random
+    ``budget // 2`` of them are denoised this step (DINO would make ``2 * n`` dn queries and the
+    decoder's self-attention grows with their square). The boxes left out still take part in the
+    matching and detection losses; ``meta.denoised_boxes`` / ``meta.total_boxes`` say how many
+    were denoised.
 
     Args:
         targets: B dicts with "labels" [n_b] (prompt indices in [0, U)) and "boxes" [n_b, 4]
@@ -115,37 +136,47 @@ def build_denoising_queries(
         num_queries: Q, the number of matching queries that follow the dn queries.
         prompt_mask: [B, U] or [U] bool, True = valid prompt; label noise draws only valid ones.
             None means all prompts are valid.
-        num_dn_queries: budget for dn queries; num_groups = max(1, budget // (2 * max_gt)).
+        num_dn_queries: budget for dn queries (see above).
         label_noise_ratio: a slot's label is resampled with probability ``ratio * 0.5``.
         box_noise_scale: scale of the box jitter (0 disables it).
-        generator: source of all randomness (must live on the embeddings' device).
+        generator: source of all randomness. Draws happen on the generator's device and are then
+            moved to the embeddings' device, so any generator works; one on the embeddings'
+            device (``StepGenerators.device``) avoids the copy.
 
     Returns:
         The `DenoisingQueries`, or None when the batch has no GT box at all.
     """
     num_gts = [len(t["labels"]) for t in targets]
-    max_gt = max(num_gts, default=0)
-    if max_gt == 0:
+    if max(num_gts, default=0) == 0:
         return None
     batch_size, device = len(targets), prompt_embeddings.device
+    where = draw_on(generator, device)
+    per_image_cap = max(1, num_dn_queries // 2)
+    picked = [_denoised_subset(n, per_image_cap, generator, where, device) for n in num_gts]
+    counts = [min(n, per_image_cap) for n in num_gts]
+    max_gt = max(counts)
     if prompt_embeddings.dim() == 2:
         prompt_embeddings = prompt_embeddings.expand(batch_size, -1, -1)
     num_prompts, dim = prompt_embeddings.shape[1:]
     num_groups = max(1, num_dn_queries // (2 * max_gt))
     num_dn = num_groups * 2 * max_gt
 
-    # Layout [B, groups, positive/negative, max_gt], flattened to [B, Nd] at the end.
+    # Per image its denoised GTs padded to max_gt, then laid out [B, groups, pos/neg, max_gt]
+    # and flattened to [B, Nd]. Built by concatenation (no in-place slice writes).
+    label_rows, box_rows = [], []
+    for t, index, count in zip(targets, picked, counts):
+        labels_b = t["labels"].to(device)
+        boxes_b = t["boxes"].to(device=device, dtype=torch.float32)
+        if index is not None:
+            labels_b, boxes_b = labels_b[index], boxes_b[index]
+        label_rows.append(torch.cat([labels_b, labels_b.new_full((max_gt - count,), -1)]))
+        box_rows.append(torch.cat([boxes_b, boxes_b.new_zeros(max_gt - count, 4)]))
     shape = (batch_size, num_groups, 2, max_gt)
-    labels = torch.full(shape, -1, dtype=torch.long, device=device)
-    boxes = torch.zeros(shape + (4,), device=device)
-    for b, t in enumerate(targets):
-        labels[b, :, :, : num_gts[b]] = t["labels"].to(device)
-        boxes[b, :, :, : num_gts[b]] = t["boxes"].to(device=device, dtype=torch.float32)
-    labels, boxes = labels.flatten(1), boxes.flatten(1, 3)
+    labels = torch.stack(label_rows)[:, None, None].expand(shape).reshape(batch_size, -1)
+    boxes = torch.stack(box_rows)[:, None, None].expand(shape + (4,)).reshape(batch_size, -1, 4)
     valid = labels >= 0
-    negative = torch.zeros(shape, dtype=torch.bool, device=device)
-    negative[:, :, 1] = True
-    negative = negative.flatten(1)
+    negative = (torch.arange(2, device=device) == 1)[None, None, :, None].expand(shape)
+    negative = negative.reshape(batch_size, -1)
 
     if label_noise_ratio > 0:
         if prompt_mask is None:
@@ -155,8 +186,8 @@ def build_denoising_queries(
         # [0, num_valid) picks uniformly among them.
         valid_first = torch.argsort((~prompt_mask).int(), dim=1, stable=True)
         num_valid = prompt_mask.sum(dim=1, keepdim=True)
-        flip = torch.rand(labels.shape, generator=generator, device=device)
-        pick = torch.rand(labels.shape, generator=generator, device=device)
+        flip = torch.rand(labels.shape, generator=generator, device=where).to(device)
+        pick = torch.rand(labels.shape, generator=generator, device=where).to(device)
         pick = (pick * num_valid).long().clamp(max=num_prompts - 1)
         noised = valid_first.gather(1, pick)
         replace = (flip < label_noise_ratio * 0.5) & valid & (num_valid > 0)
@@ -164,31 +195,50 @@ def build_denoising_queries(
 
     if box_noise_scale > 0:
         half_size = boxes[..., 2:].repeat(1, 1, 2) / 2
-        sign = torch.randint(0, 2, boxes.shape, generator=generator, device=device) * 2.0 - 1.0
-        magnitude = torch.rand(boxes.shape, generator=generator, device=device)
+        sign = torch.randint(0, 2, boxes.shape, generator=generator, device=where).to(device)
+        magnitude = torch.rand(boxes.shape, generator=generator, device=where).to(device)
         magnitude = magnitude + negative.unsqueeze(-1).float()
-        xyxy = _cxcywh_to_xyxy(boxes) + sign * magnitude * half_size * box_noise_scale
-        boxes = _xyxy_to_cxcywh(xyxy.clamp(min=0.0, max=1.0))
+        jitter = (sign * 2.0 - 1.0) * magnitude * half_size * box_noise_scale
+        boxes = _xyxy_to_cxcywh((_cxcywh_to_xyxy(boxes) + jitter).clamp(min=0.0, max=1.0))
 
     reference_logits = torch.where(valid.unsqueeze(-1), inverse_sigmoid(boxes), 0.0)
     gathered = prompt_embeddings.gather(1, labels.clamp(min=0).unsqueeze(-1).expand(-1, -1, dim))
     content = torch.where(valid.unsqueeze(-1), gathered, torch.zeros_like(gathered))
-
-    size = num_dn + num_queries
-    attn_mask = torch.zeros(size, size, dtype=torch.bool, device=device)
-    attn_mask[num_dn:, :num_dn] = True
-    group = torch.arange(num_dn, device=device) // (2 * max_gt)
-    attn_mask[:num_dn, :num_dn] = group.unsqueeze(1) != group.unsqueeze(0)
+    attn_mask = _cdn_attention_mask(num_dn, num_queries, 2 * max_gt, device)
 
     group_start = torch.arange(num_groups, device=device).unsqueeze(1) * 2 * max_gt
     positive_pairs, negative_indices = [], []
-    for n in num_gts:
-        gt_index = torch.arange(n, device=device)
-        positive_pairs.append(((group_start + gt_index).flatten(), gt_index.repeat(num_groups)))
-        negative_indices.append((group_start + max_gt + gt_index).flatten())
+    for index, count in zip(picked, counts):
+        slot = torch.arange(count, device=device)
+        gt_index = slot if index is None else index
+        positive_pairs.append(((group_start + slot).flatten(), gt_index.repeat(num_groups)))
+        negative_indices.append((group_start + max_gt + slot).flatten())
 
-    meta = DenoisingMeta(num_dn, num_groups, max_gt, positive_pairs, negative_indices)
+    meta = DenoisingMeta(num_dn, num_groups, max_gt, positive_pairs, negative_indices,
+                         denoised_boxes=sum(counts), total_boxes=sum(num_gts))
     return DenoisingQueries(content, reference_logits, labels, attn_mask, meta)
+
+
+def _denoised_subset(num_boxes: int, cap: int, generator: torch.Generator | None,
+                     where: torch.device, device: torch.device) -> torch.Tensor | None:
+    """Indices of the ``cap`` GTs of an image that get dn queries (sorted, on ``device``), or
+    None when all of them do (``num_boxes <= cap``)."""
+    if num_boxes <= cap:
+        return None
+    order = torch.randperm(num_boxes, generator=generator, device=where)[:cap]
+    return order.sort().values.to(device)
+
+
+def _cdn_attention_mask(num_dn: int, num_queries: int, group_size: int,
+                        device: torch.device) -> torch.Tensor:
+    """[Nd + Q, Nd + Q] bool, True = blocked: matching queries never see dn queries and dn groups
+    never see each other (DINO's ``prepare_for_cdn``)."""
+    index = torch.arange(num_dn + num_queries, device=device)
+    is_dn = index < num_dn
+    group = torch.where(is_dn, index // group_size, -1)
+    sees_dn = is_dn[None, :]
+    other_group = group[:, None] != group[None, :]
+    return sees_dn & (~is_dn[:, None] | other_group)
 
 
 def additive_attention_mask(

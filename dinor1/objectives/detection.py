@@ -8,6 +8,9 @@ step applies it to every decoder layer, the encoder proposals and the denoising 
 Shapes: logits [B, Q, U] (padded prompts -inf, ``prompt_mask`` [B, U] marks the real ones),
 boxes [B, Q, 4] normalised (cx, cy, w, h); ground truth gt_labels [B, G] (prompt indices),
 gt_boxes [B, G, 4]; matches, per image, (query indices, gt indices).
+
+Computed in fp32 whatever the predictions' dtype (bf16 under autocast), where sigmoid saturates
+to 1.0 from logit ~6.3 and the focal factor (1 - p_t)^gamma of a confident positive becomes 0.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dinor1.objectives.matcher import box_cxcywh_to_xyxy, generalized_box_iou
 
 def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, prompt_mask: torch.Tensor,
                        alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
-    """Elementwise binary focal loss, zero on padded prompts and on -inf logits.
+    """Elementwise binary focal loss in fp32, zero on padded prompts and on -inf logits.
 
     Args:
         logits: [..., Q, U] prompt logits.
@@ -33,15 +36,17 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, prompt_mask:
         gamma: focusing exponent.
 
     Returns:
-        [..., Q, U] loss, exactly 0 (with zero gradient) where masked.
+        [..., Q, U] fp32 loss, exactly 0 (with zero gradient) where masked.
     """
+    logits, targets = logits.float(), targets.float()
     valid = prompt_mask.unsqueeze(-2) & (logits != float("-inf"))
     # BCE of a -inf logit is nan (-inf * 0); substituting 0 keeps NaN out of values and grads.
     safe = torch.where(valid, logits, torch.zeros_like(logits))
-    prob = safe.sigmoid()
     ce = F.binary_cross_entropy_with_logits(safe, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
+    # 1 - p_t = p (1 - t) + (1 - p) t, with 1 - p taken as sigmoid(-x): subtracting a saturated
+    # p from 1 would zero the focal factor of confident predictions.
+    one_minus_p_t = safe.sigmoid() * (1 - targets) + (-safe).sigmoid() * targets
+    loss = ce * one_minus_p_t**gamma
     loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
     return torch.where(valid, loss, torch.zeros_like(loss))
 
@@ -68,9 +73,10 @@ def detection_loss(logits: torch.Tensor, boxes: torch.Tensor,
         gamma: focal gamma.
 
     Returns:
-        ``loss_class``, ``loss_bbox``, ``loss_giou``: weighted scalars; the box terms are 0 (still
-        in the graph) when nothing is matched.
+        ``loss_class``, ``loss_bbox``, ``loss_giou``: weighted fp32 scalars; the box terms are 0
+        (still in the graph) when nothing is matched.
     """
+    logits, boxes, gt_boxes = logits.float(), boxes.float(), gt_boxes.float()
     device = logits.device
     batch_idx = torch.cat([torch.full((len(q),), b, dtype=torch.long, device=device)
                            for b, (q, _) in enumerate(matches)])

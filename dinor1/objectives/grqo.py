@@ -14,10 +14,14 @@ Two forms (config ``grqo.form``):
 - ``policy_gradient`` (DECISION, ours): ``L_l = mean(-A.detach() * log sigmoid(s) + beta * KL)``
   with ``s`` the query's score at layer l (the caller passes it, e.g. its best prompt logit).
 
-Summed over decoder layers, as in the release.
+Summed over decoder layers, as in the release. Everything here is computed in fp32 whatever the
+inputs' dtype (bf16 under autocast): in bf16 the KL of a small policy drift rounds to 0 or below,
+and the z-scores of close rewards to a few levels.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +38,11 @@ def query_rewards(cost: torch.Tensor, gt_mask: torch.Tensor, *, return_has_gt: b
         return_has_gt: also return the [B] flag of images that have any ground truth.
 
     Returns:
-        [B, Q] (or [L, B, Q]) rewards ``-min_j C_ij`` over valid GTs; 0 for images without GT.
+        [B, Q] (or [L, B, Q]) fp32 rewards ``-min_j C_ij`` over valid GTs; 0 for images without
+        GT.
     """
     valid = gt_mask[:, None, :]
-    best = cost.masked_fill(~valid, float("inf")).min(-1).values
+    best = cost.float().masked_fill(~valid, float("inf")).min(-1).values
     has_gt = gt_mask.any(-1)
     rewards = torch.where(has_gt[:, None], -best, torch.zeros_like(best))
     return (rewards, has_gt) if return_has_gt else rewards
@@ -53,8 +58,9 @@ def grqo_advantages(rewards: torch.Tensor, num_mute: int, has_gt: torch.Tensor |
         has_gt: [B] bool; images without ground truth get all-zero advantages.
 
     Returns:
-        Advantages with the shape of ``rewards``.
+        fp32 advantages with the shape of ``rewards``.
     """
+    rewards = rewards.float()
     mean = rewards.mean(-1, keepdim=True)
     std = rewards.std(-1, keepdim=True)  # unbiased, as torch's default (and the release)
     advantages = (rewards - mean) / (std + EPS)
@@ -68,22 +74,39 @@ def grqo_advantages(rewards: torch.Tensor, num_mute: int, has_gt: torch.Tensor |
     return advantages
 
 
+def _log_sigmoid_plus_eps(logits: torch.Tensor, eps: float) -> torch.Tensor:
+    """log(sigmoid(x) + eps) in fp32: log eps + softplus(log sigmoid(x) - log eps), finite."""
+    log_eps = math.log(eps)
+    return log_eps + F.softplus(F.logsigmoid(logits.float()) - log_eps)
+
+
 def objectness_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, eps: float = EPS
                   ) -> torch.Tensor:
-    """k3 estimator of KL[policy || reference] on sigmoid objectness, elementwise.
+    """k3 estimator of KL[policy || reference] on sigmoid objectness, elementwise, in fp32.
 
     ``(r + eps) / (p + eps) - log(r + eps) + log(p + eps) - 1`` with p, r the policy and
-    reference probabilities; >= 0, and 0 where p == r.
+    reference probabilities; >= 0, and 0 where p == r. Evaluated as ``expm1(d) - d`` with
+    ``d = log(r + eps) - log(p + eps)`` (the same value): the ratio form loses a small drift to
+    rounding, and in log space sigmoid's saturation never enters.
+
+    Args:
+        policy_logits: [...] policy objectness logits.
+        ref_logits: [...] reference objectness logits (detached here).
+        eps: the k3 estimator's smoothing constant.
+
+    Returns:
+        [...] fp32 KL estimates.
     """
-    p = policy_logits.sigmoid()
-    r = ref_logits.detach().sigmoid()
-    return (r + eps) / (p + eps) - torch.log(r + eps) + torch.log(p + eps) - 1
+    d = (_log_sigmoid_plus_eps(ref_logits.detach(), eps)
+         - _log_sigmoid_plus_eps(policy_logits, eps))
+    return torch.expm1(d) - d
 
 
 def grqo_loss(cost: torch.Tensor, gt_mask: torch.Tensor, policy_objectness: torch.Tensor,
               ref_objectness: torch.Tensor, *, form: str = "release", alpha: float = 0.01,
               beta: float = 0.04, num_mute: int = 0,
-              scores: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+              scores: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
     """The GRQO term, summed over decoder layers.
 
     Args:
@@ -97,7 +120,10 @@ def grqo_loss(cost: torch.Tensor, gt_mask: torch.Tensor, policy_objectness: torc
         scores: [L, B, Q] per-layer query logits for the policy-gradient form.
 
     Returns:
-        (loss, diagnostics) with reward/advantage statistics, the KL mean and the muted fraction.
+        (loss, diagnostics): the fp32 scalar loss, and name -> 0-dim detached fp32 tensor or
+        float: reward/advantage statistics, the KL mean, images without GT (tensors, on the
+        inputs' device: nothing here waits for the device, the caller reads them all at once),
+        the muted fraction and the layer count (floats, known from shapes).
     """
     if form not in ("release", "policy_gradient"):
         raise ValueError(f"grqo form must be 'release' or 'policy_gradient', got {form!r}")
@@ -110,21 +136,29 @@ def grqo_loss(cost: torch.Tensor, gt_mask: torch.Tensor, policy_objectness: torc
     else:
         if scores is None:
             raise ValueError("the policy_gradient form needs per-layer query scores")
-        log_prob = F.logsigmoid(scores)
+        log_prob = F.logsigmoid(scores.float())
         per_layer = (-advantages.detach() * log_prob + beta * kl[None]).mean(dim=(1, 2))
     loss = per_layer.sum()
     rewards, advantages, kl = rewards.detach(), advantages.detach(), kl.detach()
-    group_rewards = rewards[:, has_gt] if has_gt.any() else rewards
+    # Reward statistics over the images that have a GT (all images when none has), as a
+    # weighted mean: boolean indexing or `if has_gt.any()` would wait for the device.
+    weight = torch.where(has_gt.any(), has_gt, torch.ones_like(has_gt)).float()  # [B]
+    group_count = weight.sum() * num_layers
+    reward_mean = (rewards.mean(-1) * weight).sum() / group_count
+    if rewards.shape[-1] > 1:
+        reward_std = (rewards.std(-1) * weight).sum() / group_count
+    else:
+        reward_std = torch.zeros((), device=rewards.device)
     diagnostics = {
-        "grqo/reward_mean": float(group_rewards.mean()),
-        "grqo/reward_std": float(group_rewards.std(-1).mean()) if rewards.shape[-1] > 1 else 0.0,
-        "grqo/advantage_mean": float(advantages.mean()),
-        "grqo/advantage_abs_mean": float(advantages.abs().mean()),
-        "grqo/advantage_max": float(advantages.max()),
-        "grqo/advantage_min": float(advantages.min()),
-        "grqo/kl_mean": float(kl.mean()),
+        "grqo/reward_mean": reward_mean,
+        "grqo/reward_std": reward_std,
+        "grqo/advantage_mean": advantages.mean(),
+        "grqo/advantage_abs_mean": advantages.abs().mean(),
+        "grqo/advantage_max": advantages.max(),
+        "grqo/advantage_min": advantages.min(),
+        "grqo/kl_mean": kl.mean(),
         "grqo/muted_fraction": min(num_mute, rewards.shape[-1]) / rewards.shape[-1],
-        "grqo/images_without_gt": float((~has_gt).sum()),
+        "grqo/images_without_gt": (~has_gt).sum().float(),
         "grqo/layers": float(num_layers),
     }
     return loss, diagnostics

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dinor1.model.prompts import pad_instances, prompts_from_exemplars
+from dinor1.model.prompts import ExemplarLayout, encode_exemplars
 
 
 def parse_refresh(spec: str) -> tuple[str, int]:
@@ -124,14 +124,15 @@ class ReferenceModel:
 
     @torch.inference_mode()
     def objectness(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor,
-                   boxes: list[torch.Tensor], exemplars: torch.Tensor,
+                   boxes: list[torch.Tensor], exemplars: torch.Tensor | ExemplarLayout,
                    selected_indices: torch.Tensor) -> torch.Tensor:
         """Reference objectness logits at the policy's selected tokens.
 
         Args:
             pixel_values, pixel_mask: the batch.
             boxes: per image [n_b, 4] GT boxes (the instances the exemplars index).
-            exemplars: [U, K, 2] the policy's prompt exemplars (``TrainingPrompts.exemplars``).
+            exemplars: the policy's prompt exemplars: [U, K, 2] (``TrainingPrompts.exemplars``)
+                or their :class:`~dinor1.model.prompts.ExemplarLayout` (``.layout``).
             selected_indices: [B, Q] the policy's selected token indices.
 
         Returns:
@@ -140,9 +141,7 @@ class ReferenceModel:
         start = time.perf_counter()
         model = self.model
         features = model.image_features(pixel_values, pixel_mask)
-        padded, mask = pad_instances(boxes)
-        instances = model.encode_boxes(features, padded, mask)
-        prompts = prompts_from_exemplars(instances, exemplars)
+        prompts = encode_exemplars(model, features, boxes, exemplars)
         batch = pixel_values.shape[0]
         out = model.reference_forward(pixel_values, pixel_mask,
                                       prompts[None].expand(batch, -1, -1), features=features)

@@ -19,10 +19,11 @@ from torch import nn
 
 from dinor1.model.denoising import build_denoising_queries
 from dinor1.model.prompts import assemble_training_prompts, pad_instances
+from dinor1.model.randomness import StepGenerators, as_step_generators
 from dinor1.objectives.contrastive import VisualTextContrastive, mean_instance_embeddings
 from dinor1.objectives.detection import detection_loss, num_boxes_across_workers
 from dinor1.objectives.grqo import grqo_loss
-from dinor1.objectives.matcher import hungarian_match, matching_cost
+from dinor1.objectives.matcher import best_match_cost, hungarian_match, matching_cost
 from dinor1.objectives.reference import ReferenceModel, unwrap
 
 
@@ -93,7 +94,7 @@ class TrainingObjective(nn.Module):
 def training_losses(model, batch: dict[str, torch.Tensor], *, stage: str = "sft",
                     settings: ObjectiveSettings | None = None,
                     reference: ReferenceModel | None = None,
-                    generator: torch.Generator | None = None,
+                    generators: StepGenerators | torch.Generator | None = None,
                     class_text: dict[int, torch.Tensor] | None = None,
                     contrastive: VisualTextContrastive | None = None,
                     ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -104,10 +105,15 @@ def training_losses(model, batch: dict[str, torch.Tensor], *, stage: str = "sft"
         batch: ``pixel_values``, ``pixel_mask``, ``boxes``, ``class_labels``, ``num_boxes``.
         stage: ``"sft"`` (detection loss) or ``"grqo"`` (detection loss + GRQO term).
         reference: the frozen reference (required for ``grqo``).
-        generator: randomness of prompt exemplars and CDN noise.
+        generators: the step's randomness (:func:`~dinor1.model.randomness.step_generators`):
+            its host generator picks the prompt exemplars, its device generator draws the CDN
+            noise. A plain CPU generator is accepted (a device one is seeded from it).
         class_text: {category id: [d] text embedding of its name} (frozen); with
             ``contrastive`` (which owns the learnable temperature) it adds the visual-text
             contrastive term. Off when either is None.
+
+    Returns:
+        (total loss, logs): the logs are Python floats, read from the device in one copy.
     """
     if stage not in ("sft", "grqo"):
         raise ValueError(f"stage must be 'sft' or 'grqo', got {stage!r}")
@@ -116,14 +122,21 @@ def training_losses(model, batch: dict[str, torch.Tensor], *, stage: str = "sft"
     s = settings or ObjectiveSettings()
     net = unwrap(model)
     pixels, mask = batch["pixel_values"], batch["pixel_mask"]
-    counts = batch["num_boxes"].tolist()
+    gens = as_step_generators(generators, pixels.device)
+    batch_size = pixels.shape[0]
+    # the only device-to-host copy before the matching: box counts and labels, for the host-side
+    # index arithmetic (splitting, exemplar choice)
+    host = torch.cat([batch["num_boxes"], batch["class_labels"]]).cpu()
+    counts, host_labels = host[:batch_size].tolist(), host[batch_size:]
     boxes = list(batch["boxes"].split(counts))
     labels = list(batch["class_labels"].split(counts))
+    with_contrastive = class_text is not None and contrastive is not None
     features = net.image_features(pixels, mask)
     prompts = assemble_training_prompts(net, features, boxes, labels,
                                         exemplars_per_class=s.exemplars_per_class,
-                                        generator=generator)
-    batch_size = pixels.shape[0]
+                                        generator=gens.host if gens else None,
+                                        host_labels=host_labels,
+                                        encode_all_instances=with_contrastive)
     embeddings = prompts.embeddings[None].expand(batch_size, -1, -1)
     gt_labels, gt_boxes, gt_mask = pad_targets(prompts.target_labels, boxes)
     dn = None
@@ -133,7 +146,7 @@ def training_losses(model, batch: dict[str, torch.Tensor], *, stage: str = "sft"
                                      num_dn_queries=net.settings.num_dn_queries,
                                      label_noise_ratio=net.settings.dn_label_noise,
                                      box_noise_scale=net.settings.dn_box_noise,
-                                     generator=generator)
+                                     generator=gens.device if gens else None)
     out = net(pixels, mask, net.visual_prompts(embeddings), features=features, denoising=dn)
     prompt_mask = out.prompt_mask
     num_boxes = num_boxes_across_workers(gt_mask)
@@ -142,7 +155,10 @@ def training_losses(model, batch: dict[str, torch.Tensor], *, stage: str = "sft"
     cost_kw = dict(class_weight=s.match_class_weight, bbox_weight=s.match_bbox_weight,
                    giou_weight=s.match_giou_weight, alpha=s.focal_alpha, gamma=s.focal_gamma)
 
-    cost = matching_cost(out.logits, out.boxes, gt_labels, gt_boxes, **cost_kw)  # [L, B, Q, G]
+    # [L, B, Q, G], out of the graph: its intermediates grow with the boxes of an image (GRQO's
+    # differentiable reward recomputes only each query's best pair, below)
+    with torch.no_grad():
+        cost = matching_cost(out.logits, out.boxes, gt_labels, gt_boxes, **cost_kw)
     matches = hungarian_match(cost.detach(), gt_mask)
     terms: dict[str, torch.Tensor] = {}
 
@@ -155,36 +171,59 @@ def training_losses(model, batch: dict[str, torch.Tensor], *, stage: str = "sft"
                                           gt_labels, gt_boxes, prompt_mask, num_boxes,
                                           **loss_kw))
     if s.encoder_loss:
-        enc_cost = matching_cost(out.encoder_logits, out.encoder_boxes, gt_labels, gt_boxes,
-                                 **cost_kw)
+        with torch.no_grad():
+            enc_cost = matching_cost(out.encoder_logits, out.encoder_boxes, gt_labels, gt_boxes,
+                                     **cost_kw)
         add("enc", detection_loss(out.encoder_logits, out.encoder_boxes,
                                   hungarian_match(enc_cost.detach(), gt_mask), gt_labels,
                                   gt_boxes, prompt_mask, num_boxes, **loss_kw))
     if dn is not None:
         dn_matches = dn.meta.positive_pairs
+        # normalised by the dn positives: every group's, of the boxes that were denoised
+        dn_norm = num_boxes * dn.meta.num_groups * dn.meta.denoised_fraction
         for layer in range(out.dn_logits.shape[0]):
             add(f"dn{layer}", detection_loss(out.dn_logits[layer], out.dn_boxes[layer],
                                              dn_matches, gt_labels, gt_boxes, prompt_mask,
-                                             num_boxes * dn.meta.num_groups, **loss_kw))
-    if class_text is not None and contrastive is not None:
+                                             dn_norm, **loss_kw))
+    if with_contrastive:
         categories = prompts.category_ids.tolist()
         visual = mean_instance_embeddings(prompts.instance_embeddings, prompts.instance_mask,
-                                          labels,
-                                          prompts.category_ids)
+                                          labels, prompts.category_ids)
         text = torch.stack([class_text[c] for c in categories]).to(visual)
         terms["contrastive"] = s.contrastive_weight * contrastive(visual, text.detach())
-    logs: dict[str, float] = {}
+    logs: dict[str, torch.Tensor | float] = {}
     if stage == "grqo":
-        ref = reference.objectness(pixels, mask, boxes, prompts.exemplars, out.selected_indices)
+        ref = reference.objectness(pixels, mask, boxes, prompts.layout, out.selected_indices)
         scores = out.logits.max(-1).values
-        grqo, logs = grqo_loss(cost, gt_mask, out.objectness, ref, form=s.grqo_form,
-                               alpha=s.grqo_alpha, beta=s.grqo_beta,
+        # the reward -min_j C_qj, as a [L, B, Q, 1] cost against each query's best GT; in the
+        # graph for the release form (the same value and gradient as the full minimum)
+        with torch.set_grad_enabled(s.grqo_form == "release" and torch.is_grad_enabled()):
+            best = best_match_cost(cost, gt_mask, out.logits, out.boxes, gt_labels, gt_boxes,
+                                   **cost_kw)
+        grqo, logs = grqo_loss(best[..., None], gt_mask.any(-1, keepdim=True), out.objectness,
+                               ref, form=s.grqo_form, alpha=s.grqo_alpha, beta=s.grqo_beta,
                                num_mute=min(s.grqo_num_mute, out.logits.shape[2]),
                                scores=scores)
         terms["grqo"] = grqo
-    total = torch.stack(list(terms.values())).sum()
-    logs.update({f"loss/{k}": float(v.detach()) for k, v in terms.items()})
-    logs["loss/total"] = float(total.detach())
+    total = torch.stack([t.float() for t in terms.values()]).sum()
+    logs.update({f"loss/{k}": v for k, v in terms.items()})
+    logs["loss/total"] = total
     logs["data/num_prompts"] = float(prompts.embeddings.shape[0])
-    logs["data/num_boxes"] = float(gt_mask.sum())
-    return total, logs
+    logs["data/num_boxes"] = float(sum(counts))
+    num_queries = out.logits.shape[2]
+    # boxes beyond the query count cannot all be matched (Hungarian matches min(Q, n_b))
+    logs["data/unmatched_boxes"] = float(sum(max(0, n - num_queries) for n in counts))
+    if dn is not None:
+        logs["dn/queries"] = float(dn.meta.num_dn)
+        logs["dn/denoised_fraction"] = dn.meta.denoised_fraction
+    return total, read_logs(logs)
+
+
+def read_logs(logs: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Logs with tensor values -> Python floats, with ONE device-to-host copy for all of them
+    (a ``float()`` per value is a synchronisation each on a GPU)."""
+    names = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
+    if names:
+        values = torch.stack([logs[k].detach().float().reshape(()) for k in names]).tolist()
+        logs = {**logs, **dict(zip(names, values))}
+    return {k: float(v) for k, v in logs.items()}

@@ -1,15 +1,18 @@
 """The per-worker training function run by Ray Train's ``TorchTrainer`` (one per worker).
 
 Stages: ``sft`` epochs then ``grqo`` epochs ("1+5"). Every step is deterministic given
-(seed, rank, step): the prompt/CDN generator and torch's global RNG are re-seeded from them, so a
-resumed run needs no saved RNG state. Checkpoints are DeepSpeed checkpoint folders (every rank
-writes its shard) plus the reference model, reported with ``ray.train.report`` and restored from
-``ray.train.get_checkpoint()``. Rank 0 logs to MLflow into the run the driver created.
+(seed, rank, step): the prompt and CDN generators (host and device, ``model/randomness.py``)
+and torch's global RNG are re-seeded from them, so a resumed run needs no saved RNG state.
+Checkpoints are DeepSpeed checkpoint folders (every rank writes its shard) plus the reference
+model, reported with ``ray.train.report`` and restored from ``ray.train.get_checkpoint()``.
+Rank 0 logs to MLflow into the run the driver created.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -19,10 +22,6 @@ from pathlib import Path
 import torch
 
 from dinor1.train.checkpoints import CHECKPOINT_TAG, REFERENCE_NAME, STATE_NAME
-
-
-def _step_seed(seed: int, rank: int, step: int) -> int:
-    return (seed * 1_000_003 + rank * 7919 + step) % (2**63 - 1)
 
 
 def _objective_settings(cfg):
@@ -63,6 +62,23 @@ def _build_model(cfg):
         compile_hot_modules(model, backend=cfg.model.compile_backend,
                             mode=cfg.model.compile_mode)
     return model
+
+
+def _engine_device_args(cfg):
+    """DeepSpeed's ``args`` naming the worker's own GPU (``device_rank``), or None on CPU.
+
+    Left alone, DeepSpeed puts its engine on ``cuda:LOCAL_RANK`` while Ray Train moves the
+    batches to ``ray.train.torch.get_device()``; the two agree only as long as Ray's device order
+    matches the local ranks. Naming the device makes them one by construction."""
+    if not (cfg.scaling.use_gpu and torch.cuda.is_available()):
+        return None
+    import argparse
+
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    torch.cuda.set_device(device)
+    return argparse.Namespace(device_rank=device.index)
 
 
 def tensor_checksum(obj) -> float:
@@ -137,6 +153,18 @@ class _PoisonGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad * float("nan")
+
+
+@contextlib.contextmanager
+def _nan_logits(model):
+    """Every prompt logit of the forward NaN (fault drills: a non-finite FORWARD, which the
+    Hungarian matching sees before any loss exists)."""
+    handle = model.prompt_classifier.register_forward_hook(
+        lambda module, args, output: output * float("nan"))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _gradients_finite(engine, zero_stage: int) -> bool:
@@ -248,6 +276,7 @@ def train_loop_per_worker(config: dict) -> None:
     from dinor1.data.pipeline import iter_detection_batches
     from dinor1.data.quality import QualityCounter
     from dinor1.model.dino_r1 import load_weights, save_weights
+    from dinor1.model.randomness import step_generators, step_seed
     from dinor1.objectives.reference import ReferenceModel, full_state_dict, unwrap
     from dinor1.objectives.step import TrainingObjective
     from dinor1.storage import join
@@ -256,6 +285,10 @@ def train_loop_per_worker(config: dict) -> None:
     from dinor1.train.safe_load import use_weights_only_loading
     from dinor1.train.tracking import RankZeroTracker, gather_placements
 
+    # transformers' deformable attention checks its spatial shapes against the sequence length
+    # on every call, a device-to-host sync each (~20 per step); dinor1 builds both from the same
+    # features, so the check cannot fail here (set it to 0 to have it back)
+    os.environ.setdefault("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
     cfg = TrainConfig.model_validate(config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -265,7 +298,8 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.optimizer.lr,
                                   betas=cfg.optimizer.betas)
     wrapped = TrainingObjective(model)
-    engine, optimizer, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer,
+    engine, optimizer, _, _ = deepspeed.initialize(args=_engine_device_args(cfg),
+                                                   model=wrapped, optimizer=optimizer,
                                                    config=deepspeed_config(cfg))
     use_weights_only_loading(engine)  # resuming never unpickles code
     if cfg.deepspeed.zero_stage == 3:
@@ -372,8 +406,10 @@ def train_loop_per_worker(config: dict) -> None:
                     continue
                 got_batch = time.perf_counter()
                 step = state["step"]
-                generator = torch.Generator().manual_seed(_step_seed(cfg.seed, rank, step))
-                torch.manual_seed(_step_seed(cfg.seed, rank, step))
+                # host + device generators, seeded together (model/randomness.py)
+                generators = step_generators(step_seed(cfg.seed, rank, step),
+                                             batch["pixel_values"].device)
+                torch.manual_seed(step_seed(cfg.seed, rank, step))
                 if (reference is not None and stage == "grqo"
                         and reference.kind == "steps" and reference.should_refresh(step, False)):
                     reference.refresh(engine, step)
@@ -383,9 +419,12 @@ def train_loop_per_worker(config: dict) -> None:
                     count_skipped(epoch, step, "empty_batches", "train/empty_batches")
                     wait_start = time.perf_counter()
                     continue
-                loss, logs = engine(batch, stage=stage, settings=objective,
-                                    reference=reference if stage == "grqo" else None,
-                                    generator=generator)
+                poison = (rank == 0  # rehearsed fault: NaN logits inside this forward
+                          and batches_seen + 1 in cfg.faults.inject_nonfinite_logits_batches)
+                with _nan_logits(unwrap(engine)) if poison else contextlib.nullcontext():
+                    loss, logs = engine(batch, stage=stage, settings=objective,
+                                        reference=reference if stage == "grqo" else None,
+                                        generators=generators)
                 batches_seen += 1
                 if rank == 0:  # rehearsed faults (faults.inject_*)
                     if batches_seen in cfg.faults.inject_nonfinite_batches:

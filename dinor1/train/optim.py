@@ -69,6 +69,9 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         # torch.autocast(bfloat16) inside the engine (DeepSpeed's bf16 mode would cast the
         # weights and leave our fp32 inputs and CDN queries unconverted)
         out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        if not ds.bf16_gradient_reduce:
+            # no module's gradients marked "safe in bf16": every gradient is reduced in fp32
+            out["torch_autocast"]["lower_precision_safe_modules"] = []
     elif ds.precision == "fp16":
         out["fp16"] = {"enabled": True}
     return out

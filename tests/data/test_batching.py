@@ -68,3 +68,22 @@ def test_numpy_blocks_keeps_chunks_apart_and_images_zero_copy():
     assert np.shares_memory(image, np.frombuffer(arrow_data, np.uint8))
     rows = [k for b in iter_row_batches(numpy_blocks([table]), 4) for k in b["key"]]
     assert rows == [str(i) for i in range(8)]
+
+
+def test_moving_a_batch_keeps_the_host_bookkeeping_on_the_cpu():
+    """The quality counters and image ids are read on the host every step: moved to a GPU they
+    would be copied there and read back (a sync each). ``meta`` stands in for the GPU."""
+    import torch
+
+    from dinor1.data.collate import HOST_KEYS
+    from dinor1.data.pipeline import move_batch
+
+    batch = {"pixel_values": torch.zeros(1, 3, 4, 4), "boxes": torch.zeros(0, 4),
+             "orig_sizes": torch.tensor([[4, 4]]), "image_ids": torch.tensor([7]),
+             "skipped_by_kind": torch.zeros(3, dtype=torch.int64), "note": "kept"}
+    moved = move_batch(batch, torch.device("meta"))
+    assert {k for k, v in moved.items() if isinstance(v, torch.Tensor) and v.is_meta} == {
+        "pixel_values", "boxes", "orig_sizes"}
+    assert moved["image_ids"].device.type == "cpu" and moved["note"] == "kept"
+    assert {"image_ids", "skipped_by_kind", "skipped_errors"} <= HOST_KEYS
+    assert move_batch(batch, torch.device("cpu")) is batch

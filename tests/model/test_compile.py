@@ -20,7 +20,7 @@ def _batch():
 
 
 def _loss_and_grads(model):
-    loss, _ = training_losses(model, _batch(), generator=torch.Generator().manual_seed(0))
+    loss, _ = training_losses(model, _batch(), generators=torch.Generator().manual_seed(0))
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads

@@ -120,3 +120,12 @@ def test_num_boxes_single_worker_group(tmp_path):
         assert num_boxes_across_workers(torch.zeros(1, 2, dtype=torch.bool)) == 1.0
     finally:
         dist.destroy_process_group()
+
+
+def test_focal_of_confident_positive_is_not_rounded_to_zero():
+    # sigmoid(17) rounds to 1.0 in fp32, which zeroed the focal factor (1 - p_t)^2 of a loss
+    # of ~1.8e-23
+    loss = sigmoid_focal_loss(torch.tensor([[[17.0]]]), torch.tensor([[[1.0]]]),
+                              torch.tensor([[True]]))
+    q = 1 / (1 + math.exp(17.0))  # 1 - p
+    assert loss.item() == pytest.approx(0.25 * q**2 * math.log1p(q), rel=1e-5, abs=0)

@@ -11,7 +11,8 @@ from dinor1.objectives.grqo import grqo_advantages, grqo_loss, objectness_kl, qu
 COST = torch.tensor([[[1.0, 4.0], [3.0, 2.0], [5.0, 6.0]],
                      [[7.0, 7.0], [8.0, 8.0], [9.0, 9.0]]])
 GT_MASK = torch.tensor([[True, True], [False, False]])
-SQRT_VAR = math.sqrt(13 / 3)  # rewards -1, -2, -5: mean -8/3, unbiased variance 13/3
+SQRT_VAR = math.sqrt(13 / 3)
+INF = float("inf")  # rewards -1, -2, -5: mean -8/3, unbiased variance 13/3
 
 
 def test_query_rewards_by_hand():
@@ -49,6 +50,24 @@ def test_objectness_kl_by_hand_and_gradient_sign():
     assert policy.grad.item() == pytest.approx(-0.25, abs=1e-6)
 
 
+def test_objectness_kl_saturated_and_infinite_logits():
+    # p = sigmoid(40) and r = sigmoid(30) are both 1.0 in fp32, but 1 - r ~ e^-30 is not 1 - p:
+    # log(r + eps) - log(p + eps) = log sigmoid(30) - log sigmoid(40) ~ e^-40 - e^-30, KL ~ 0.
+    big = objectness_kl(torch.tensor([40.0]), torch.tensor([30.0]))
+    assert 0 <= big.item() < 1e-20
+    # p = 0 (-inf): the eps keeps it finite: (r + eps) / eps - log(r + eps) + log(eps) - 1
+    policy = torch.tensor([-INF, 0.0], requires_grad=True)
+    kl = objectness_kl(policy, torch.tensor([-20.0, -INF]))
+    r, eps = 1 / (1 + math.exp(20.0)), 2e-9
+    assert kl[0].item() == pytest.approx((r + eps) / eps - math.log(r + eps) + math.log(eps) - 1,
+                                         rel=1e-5)
+    # r = 0, p = 0.5: eps / (0.5 + eps) - log(eps) + log(0.5 + eps) - 1
+    assert kl[1].item() == pytest.approx(eps / (0.5 + eps) - math.log(eps) + math.log(0.5 + eps)
+                                         - 1, rel=1e-6)
+    kl.sum().backward()
+    assert torch.isfinite(policy.grad).all() and policy.grad[0] == 0
+
+
 def _inputs():
     cost = torch.stack([COST, COST * 2]).requires_grad_(True)  # L = 2
     policy = torch.tensor([[0.0, 1.0, -1.0], [0.5, 0.5, 0.5]])
@@ -72,7 +91,32 @@ def test_release_form_gradient_through_reward_and_weights():
     kl = objectness_kl(policy, ref).mean().item()
     assert kl_only.item() == pytest.approx(2 * 0.04 * kl, abs=1e-7)  # added once per layer
     assert diag["grqo/muted_fraction"] == pytest.approx(1 / 3)
-    assert diag["grqo/images_without_gt"] == 1.0
+    assert float(diag["grqo/images_without_gt"]) == 1.0
+
+
+def test_diagnostics_are_detached_tensors_by_hand():
+    cost, policy, ref = _inputs()
+    policy.requires_grad_(True)
+    _, diag = grqo_loss(cost, GT_MASK, policy, ref, num_mute=1)
+    static = {"grqo/muted_fraction", "grqo/layers"}  # known from shapes: plain floats
+    for name, value in diag.items():
+        if name in static:
+            assert isinstance(value, float), name
+        else:  # read by the caller in one device sync with the other logs
+            assert isinstance(value, torch.Tensor) and value.dim() == 0, name
+            assert value.dtype == torch.float32 and not value.requires_grad, name
+    assert diag["grqo/layers"] == 2.0
+    # only image 0 has GTs: rewards -1, -2, -5 (layer 0) and -2, -4, -10 (layer 1)
+    assert float(diag["grqo/reward_mean"]) == pytest.approx(-4.0)
+    assert float(diag["grqo/reward_std"]) == pytest.approx(1.5 * SQRT_VAR)
+    # same z-scores in both layers; image 1's advantages are all 0; third query muted
+    assert float(diag["grqo/advantage_max"]) == pytest.approx((5 / 3) / SQRT_VAR)
+    assert float(diag["grqo/advantage_min"]) == 0.0
+    assert float(diag["grqo/advantage_abs_mean"]) == pytest.approx((7 / 3) / SQRT_VAR / 6)
+    # no image with a GT: statistics over all images (all rewards 0)
+    _, empty = grqo_loss(cost, torch.zeros_like(GT_MASK), policy, ref)
+    assert float(empty["grqo/reward_mean"]) == 0.0
+    assert float(empty["grqo/images_without_gt"]) == 2.0
 
 
 def test_policy_gradient_form_has_no_gradient_through_reward():

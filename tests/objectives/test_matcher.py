@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from dinor1.objectives.detection import detection_loss
 from dinor1.objectives.matcher import (
     box_cxcywh_to_xyxy,
     generalized_box_iou,
@@ -124,3 +125,55 @@ def test_hungarian_without_layer_dim_and_empty_image():
     assert len(matches) == 2
     assert matches[0][0].tolist() == [0, 1] and matches[0][1].tolist() == [0, 1]
     assert matches[1][0].numel() == 0 and matches[1][1].numel() == 0
+
+
+def test_matching_cost_gradients_finite_with_inf_logits():
+    # GT 0 asks for prompt 1, which is -inf for query 0 (p = 0); GT 1 is padding (prompt 0).
+    logits = torch.tensor([[[-INF, -INF], [2.0, -1.0], [-INF, 30.0]]], requires_grad=True)
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2]] * 3], requires_grad=True)
+    gt_labels, gt_boxes = torch.tensor([[1, -1]]), torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.0] * 4]])
+    cost = matching_cost(logits, boxes, gt_labels, gt_boxes, bbox_weight=0.0, giou_weight=0.0)
+    # p = 0: pos = 0.25 * 1 * -log(1e-8), neg = 0.75 * 0 * ... = 0 -> 2 * 0.25 * 8 ln 10
+    assert cost[0, 0, 0].item() == pytest.approx(2 * 0.25 * 8 * math.log(10), rel=1e-6)
+    cost.sum().backward()
+    assert torch.isfinite(logits.grad).all() and torch.isfinite(boxes.grad).all()
+    assert logits.grad[0, 0].tolist() == [0.0, 0.0]  # both -inf: no gradient
+    assert logits.grad[0, 1, 0] != 0 and logits.grad[0, 1, 1] != 0
+
+
+def test_nan_logits_still_match_and_loss_stays_nan():
+    logits, boxes, gt_labels, gt_boxes = _one_image()
+    logits = logits.clone()
+    logits[0, 0, 1] = float("nan")
+    cost = matching_cost(logits, boxes, gt_labels, gt_boxes)
+    assert torch.isnan(cost[0, 0, 0])
+    cost[0, 1, 1] = INF  # scipy reports an infeasible problem for inf costs
+    gt_mask = gt_labels >= 0
+    matches = hungarian_match(cost, gt_mask)  # no ValueError from scipy
+    (queries, gts), = matches
+    assert gts.tolist() == [0] and len(queries) == 1
+    loss = detection_loss(logits, boxes, matches, gt_labels, gt_boxes,
+                          torch.tensor([[True, True]]), 1.0)
+    assert not torch.isfinite(loss["loss_class"])  # the training loop's guard skips the step
+
+
+def test_best_match_cost_equals_the_full_minimum_in_value_and_gradient():
+    """GRQO's reward needs min_j C_qj in the graph: recomputing only each query's best pair gives
+    the same value and the same gradients as the minimum over the full [L, B, Q, G] cost."""
+    from dinor1.objectives.matcher import best_match_cost
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 7, 4, generator=g).requires_grad_()
+    boxes = (torch.rand(2, 3, 7, 4, generator=g) * 0.5 + 0.2).requires_grad_()
+    gt_labels = torch.tensor([[0, 3, -1], [2, -1, -1], [-1, -1, -1]])
+    gt_mask = gt_labels >= 0
+    gt_boxes = torch.rand(3, 3, 4, generator=g) * 0.4 + 0.3
+    full = matching_cost(logits, boxes, gt_labels, gt_boxes)
+    expected = full.masked_fill(~gt_mask[None, :, None, :], float("inf")).min(-1).values[:, :2]
+    (expected_logits, expected_boxes) = torch.autograd.grad(expected.sum(), [logits, boxes])
+    paired = best_match_cost(full.detach(), gt_mask, logits, boxes, gt_labels, gt_boxes)
+    assert paired.shape == (2, 3, 7)
+    torch.testing.assert_close(paired[:, :2], expected, rtol=1e-6, atol=1e-6)
+    got_logits, got_boxes = torch.autograd.grad(paired[:, :2].sum(), [logits, boxes])
+    torch.testing.assert_close(got_logits, expected_logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_boxes, expected_boxes, rtol=1e-6, atol=1e-6)

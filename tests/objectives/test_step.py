@@ -7,14 +7,15 @@ import torch
 
 from dinor1.model.dino_r1 import DinoR1
 from dinor1.model.presets import tiny_cpu
+from dinor1.model.randomness import step_generators
 from dinor1.objectives.contrastive import VisualTextContrastive
 from dinor1.objectives.reference import ReferenceModel
 from dinor1.objectives.step import ObjectiveSettings, training_losses
 
 
-def _batch():
+def _batch(device="cpu"):
     g = torch.Generator().manual_seed(0)
-    return {
+    batch = {
         "pixel_values": torch.randn(2, 3, 64, 64, generator=g),
         "pixel_mask": torch.ones(2, 64, 64, dtype=torch.long),
         "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2],
@@ -22,16 +23,17 @@ def _batch():
         "class_labels": torch.tensor([4, 9, 9]),
         "num_boxes": torch.tensor([2, 1]),
     }
+    return {k: v.to(device) for k, v in batch.items()}
 
 
-def test_sft_terms_and_learning():
+def test_sft_terms_and_learning(device):
     torch.manual_seed(0)
-    model = DinoR1(tiny_cpu()).train()
+    model = DinoR1(tiny_cpu()).train().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for step in range(12):
-        loss, logs = training_losses(model, _batch(), stage="sft",
-                                     generator=torch.Generator().manual_seed(step))
+        loss, logs = training_losses(model, _batch(device), stage="sft",
+                                     generators=step_generators(step, device))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -45,13 +47,14 @@ def test_sft_terms_and_learning():
     assert sum(losses[-3:]) < sum(losses[:3])  # it learns the batch
 
 
-def test_grqo_stage_adds_the_term_and_diagnostics():
+@pytest.mark.parametrize("form", ["release", "policy_gradient"])
+def test_grqo_stage_adds_the_term_and_diagnostics(device, form):
     torch.manual_seed(0)
-    model = DinoR1(tiny_cpu()).train()
+    model = DinoR1(tiny_cpu()).train().to(device)
     reference = ReferenceModel(model, refresh="epoch")
-    settings = ObjectiveSettings(grqo_num_mute=10)
-    loss, logs = training_losses(model, _batch(), stage="grqo", settings=settings,
-                                 reference=reference, generator=torch.Generator().manual_seed(0))
+    settings = ObjectiveSettings(grqo_num_mute=10, grqo_form=form)
+    loss, logs = training_losses(model, _batch(device), stage="grqo", settings=settings,
+                                 reference=reference, generators=step_generators(0, device))
     loss.backward()
     assert "loss/grqo" in logs and math.isfinite(logs["loss/grqo"])
     assert logs["grqo/muted_fraction"] == pytest.approx(10 / model.config.num_queries)

@@ -42,8 +42,10 @@ def _history(tmp_path, name):
 def test_nonfinite_losses_are_skipped_counted_and_logged(ray_cluster, shards, tmp_path):
     from dinor1.train.launch import run_training
 
-    # a NaN loss on rank 0 only at the 3rd and 6th batch: every worker skips those together
-    result = run_training(_config(shards, tmp_path, "faults.inject_nonfinite_batches=[3,6]"))
+    # rank 0 only: a NaN loss at the 3rd batch, NaN logits inside the 6th batch's forward (the
+    # Hungarian matching sees them first and must not raise); every worker skips both together
+    result = run_training(_config(shards, tmp_path, "faults.inject_nonfinite_batches=[3]",
+                                  "faults.inject_nonfinite_logits_batches=[6]"))
     assert result.error is None
     assert _history(tmp_path, "train/nonfinite_steps") == [(3, 1.0), (5, 2.0)]
     losses = _history(tmp_path, "loss/total")

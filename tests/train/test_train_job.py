@@ -185,3 +185,14 @@ def test_unreachable_tracking_server_is_one_line(tmp_path):
     assert last.startswith(f"dinor1: error: mlflow.tracking_uri {uri}: the tracking server does "
                            "not answer") and "nothing was started" in last
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("gpus", ["2", "0.5"])
+def test_gpus_per_worker_other_than_one_is_refused(gpus):
+    from dinor1.errors import UserError
+
+    with pytest.raises(UserError, match=f"scaling.gpus_per_worker must be 1 .* got {gpus}"):
+        load_train_config(ROOT / "jobs" / "demo.yaml",
+                          ["scaling.use_gpu=true", f"scaling.gpus_per_worker={gpus}"])
+    assert load_train_config(ROOT / "jobs" / "demo.yaml", [
+        "scaling.use_gpu=true", "scaling.gpus_per_worker=1"]).scaling.gpus_per_worker == 1
