@@ -21,7 +21,7 @@ python=${PYTHON:-python3}
 missing=$("$python" - <<'EOF'
 import importlib
 missing = []
-for name in ("torch", "transformers", "scipy", "safetensors", "pytest", "numpy"):
+for name in ("torch", "transformers", "scipy", "safetensors", "numpy", "PIL", "pytest"):
     try:
         importlib.import_module(name)
     except Exception:

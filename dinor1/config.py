@@ -98,14 +98,49 @@ class ObjectivesConfig(StrictModel):
     giou_weight: float = Field(2.0, ge=0)
     denoising: bool = True
     encoder_loss: bool = True
+    # the visual-text contrastive loss (class names from the train shards' manifest through the
+    # frozen text encoder): "auto" = on when model.init is a pretrained checkpoint (its text
+    # encoder means something) and the shards name their classes; true also for a preset
+    contrastive: bool | Literal["auto"] = "auto"
+    contrastive_weight: float = Field(100.0, ge=0)  # the release's
 
 
 class GRQOConfig(StrictModel):
     form: Literal["release", "policy_gradient"] = "release"
-    alpha: float = Field(0.01, ge=0)
+    alpha: float = Field(0.01, ge=0)  # the advantage term's weight (both forms)
+    # policy_gradient form: the log-probability is log sigmoid of the query's best prompt logit
+    # at each decoder layer ("decoder") or of its encoder objectness ("objectness": what the KL
+    # term keeps near the reference)
+    pg_score: Literal["decoder", "objectness"] = "decoder"
     beta: float = Field(0.04, ge=0)
-    num_mute: int = Field(300, ge=0)
+    # the last queries of each image's group (in top-K order) get advantage 0: a fraction of the
+    # model's queries (the release mutes 300 of 900), or an absolute count that replaces it
+    mute_fraction: float = Field(1 / 3, ge=0, lt=1)
+    num_mute: int | None = Field(None, ge=0)
     ref_refresh: str = Field("epoch", pattern=r"^(epoch|never|steps:[1-9][0-9]*)$")
+
+    def muted_queries(self, num_queries: int) -> int:
+        """How many of ``num_queries`` queries per group are muted."""
+        if self.num_mute is not None:
+            return self.num_mute
+        return round(self.mute_fraction * num_queries)
+
+    def check_advantage(self, num_queries: int) -> None:
+        """Refuse (ValueError naming the key) a setting whose advantage term is identically 0,
+        which would silently train the KL term alone."""
+        muted = self.muted_queries(num_queries)
+        key = "grqo.num_mute" if self.num_mute is not None else "grqo.mute_fraction"
+        if muted >= num_queries:
+            raise ValueError(f"{key} mutes {muted} of the model's {num_queries} queries: every "
+                             f"advantage would be 0 (GRQO would train the KL term only); mute "
+                             f"fewer (e.g. grqo.mute_fraction=0.333, the release's 300 of 900)")
+        if self.alpha == 0:
+            raise ValueError("grqo.alpha=0 turns the advantage term off (GRQO would train the "
+                             "KL term only); use stages.grqo_epochs=0 for SFT")
+        if self.form == "release" and muted == 0:
+            raise ValueError(f"{key} mutes no query: in the release form the z-scored "
+                             f"advantages of a group then sum to 0, and so does their gradient; "
+                             f"mute some (the release mutes 300 of 900)")
 
 
 class StagesConfig(StrictModel):
@@ -272,9 +307,28 @@ class TrainConfig(StrictModel):
             raise ValueError("model.compile needs deepspeed.zero_stage 0, 1 or 2 (ZeRO-3's "
                              "weight-gathering hooks inside compiled submodules are not "
                              "supported)")
+        queries = known_num_queries(self.model.init)
+        if self.stages.grqo_epochs and queries is not None:
+            self.grqo.check_advantage(queries)
         if self.deepspeed.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("deepspeed.precision fp16 needs scaling.use_gpu (use bf16 or fp32)")
         return self
+
+
+def known_num_queries(init: str) -> int | None:
+    """The query count of ``model.init`` when it can be known before the model is built (a
+    preset, or a local directory with a config.json); None otherwise (checked in the worker)."""
+    from dinor1.model.presets import PRESETS, preset_config
+
+    if init in PRESETS:
+        return preset_config(init).num_queries
+    config = Path(init) / "config.json"
+    if config.is_file():
+        import json
+
+        payload = json.loads(config.read_text())
+        return payload.get("grounding_dino", payload).get("num_queries")
+    return None
 
 
 M = TypeVar("M", bound=BaseModel)

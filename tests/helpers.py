@@ -132,3 +132,19 @@ class MlflowServer:
             self.proc.send_signal(signal.SIGTERM)  # the parent stops its workers
             self.proc.wait(timeout=30)
         self.proc = None
+
+
+def tiny_step_batch(device="cpu") -> dict:
+    """A 2-image collated batch (64 px, 3 boxes of 2 categories) for one training step."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "pixel_values": torch.randn(2, 3, 64, 64, generator=g),
+        "pixel_mask": torch.ones(2, 64, 64, dtype=torch.long),
+        "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2],
+                               [0.5, 0.5, 0.4, 0.4]]),
+        "class_labels": torch.tensor([4, 9, 9]),
+        "num_boxes": torch.tensor([2, 1]),
+    }
+    return {k: v.to(device) for k, v in batch.items()}

@@ -88,7 +88,8 @@ def plain_loop_step_seconds(cfg, shards: str, *, steps: int, skip: int, threads:
     model = _build_model(cfg).train()
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.optimizer.lr,
                                   betas=cfg.optimizer.betas)
-    objective, settings = TrainingObjective(model), _objective_settings(cfg)
+    objective = TrainingObjective(model)
+    settings = _objective_settings(cfg, model.config.num_queries)
     times = []
     for step, batch in enumerate(batches):
         started = time.perf_counter()

@@ -89,3 +89,28 @@ def _prompt(ids: list[int], spans: list[tuple[int, int]]) -> TextPrompt:
 def class_logits(token_logits: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
     """Per-token logits [..., T] -> per-class logits [..., C]: max over each class's tokens."""
     return torch.stack([token_logits[..., a:b].max(-1).values for a, b in spans], -1)
+
+
+@torch.no_grad()
+def class_text_embeddings(model, tokenizer, names: dict[int, str]) -> dict[int, torch.Tensor]:
+    """``t_u`` of the visual-text contrastive loss: each class name through the (frozen) text
+    encoder and projection, averaged over the name's tokens.
+
+    Args:
+        model: a :class:`~dinor1.model.dino_r1.DinoR1`.
+        tokenizer: :func:`load_tokenizer`'s.
+        names: {category id: class name}.
+
+    Returns:
+        {category id: [d] embedding} on the model's device, without a graph.
+    """
+    device = next(model.parameters()).device
+    ids = sorted(names)
+    out: dict[int, torch.Tensor] = {}
+    for members, prompt in class_captions(tokenizer, [names[i] for i in ids],
+                                          model.config.max_text_len):
+        tokens = model.text_prompts(prompt.input_ids.to(device),
+                                    prompt.attention_mask.to(device)).embeddings[0]  # [T, d]
+        for member, (start, end) in zip(members, prompt.spans):
+            out[ids[member]] = tokens[start:end].float().mean(0)
+    return out

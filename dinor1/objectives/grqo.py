@@ -11,8 +11,10 @@ Two forms (config ``grqo.form``):
 
 - ``release`` (the authors' code): ``L_l = mean(-alpha * A + beta * KL)`` with A differentiable
   through the reward, i.e. through the matching cost into the predictions;
-- ``policy_gradient`` (DECISION, ours): ``L_l = mean(-A.detach() * log sigmoid(s) + beta * KL)``
-  with ``s`` the query's score at layer l (the caller passes it, e.g. its best prompt logit).
+- ``policy_gradient`` (DECISION, ours):
+  ``L_l = mean(-alpha * A.detach() * log sigmoid(s) + beta * KL)`` with ``s`` the query's score:
+  its best prompt logit at layer l ([L, B, Q], config ``grqo.pg_score: decoder``) or its encoder
+  objectness, the quantity the KL term regularises ([B, Q], ``grqo.pg_score: objectness``).
 
 Summed over decoder layers, as in the release. Everything here is computed in fp32 whatever the
 inputs' dtype (bf16 under autocast): in bf16 the KL of a small policy drift rounds to 0 or below,
@@ -117,7 +119,8 @@ def grqo_loss(cost: torch.Tensor, gt_mask: torch.Tensor, policy_objectness: torc
         form: ``"release"`` or ``"policy_gradient"``.
         alpha, beta: advantage and KL weights.
         num_mute: muted tail queries per group.
-        scores: [L, B, Q] per-layer query logits for the policy-gradient form.
+        scores: the policy-gradient form's query logits: [L, B, Q] per layer, or [B, Q] for
+            every layer (e.g. the objectness).
 
     Returns:
         (loss, diagnostics): the fp32 scalar loss, and name -> 0-dim detached fp32 tensor or
@@ -137,7 +140,9 @@ def grqo_loss(cost: torch.Tensor, gt_mask: torch.Tensor, policy_objectness: torc
         if scores is None:
             raise ValueError("the policy_gradient form needs per-layer query scores")
         log_prob = F.logsigmoid(scores.float())
-        per_layer = (-advantages.detach() * log_prob + beta * kl[None]).mean(dim=(1, 2))
+        if log_prob.dim() == 2:  # one score per query for every layer
+            log_prob = log_prob[None]
+        per_layer = (-alpha * advantages.detach() * log_prob + beta * kl[None]).mean(dim=(1, 2))
     loss = per_layer.sum()
     rewards, advantages, kl = rewards.detach(), advantages.detach(), kl.detach()
     # Reward statistics over the images that have a GT (all images when none has), as a

@@ -2,12 +2,19 @@
 
 Per batch (METHOD.md sections 1-3):
 
-1. image features; every GT instance encoded; one prompt per category of the batch;
-2. CDN queries from the GTs (labels are prompt indices);
-3. the forward pass; the matching cost of every decoder layer computed ONCE, vectorised;
+1. image features; one prompt per category of the batch, from its exemplars (chosen on the host
+   with the step's host generator; only they go through the prompt encoder);
+2. CDN queries from the GTs (labels are prompt indices; noise from the device generator; at most
+   ``num_dn_queries`` of them however dense the images);
+3. the forward pass; the matching cost of every decoder layer computed ONCE, vectorised, in fp32
+   and outside the graph;
 4. Hungarian matching per layer and image on that cost; detection loss for every decoder layer,
    the encoder proposals (in graph) and the CDN queries;
-5. stage ``grqo``: rewards from the same cost, advantages, KL against the frozen reference.
+5. stage ``grqo``: rewards from the same cost (each query's best pair recomputed in the graph for
+   the release form), advantages, KL against the frozen reference.
+
+Device-to-host copies per step: the box counts and labels (once), the matching costs, the logs
+(once, :func:`read_logs`).
 """
 
 from __future__ import annotations
@@ -45,8 +52,21 @@ class ObjectiveSettings:
     grqo_form: str = "release"
     grqo_alpha: float = 0.01
     grqo_beta: float = 0.04
-    grqo_num_mute: int = 300
+    grqo_pg_score: str = "decoder"  # policy_gradient form: "decoder" or "objectness"
+    grqo_mute_fraction: float = 1 / 3  # of the queries (the release: 300 of 900)
+    grqo_num_mute: int | None = None  # an absolute count instead of the fraction
     contrastive_weight: float = 100.0  # the release's weight; used only with class names
+
+
+def muted_queries(settings: ObjectiveSettings, num_queries: int) -> int:
+    """GRQO's muted queries per group; refuses a count that mutes every query (the advantage
+    term would be identically 0 and GRQO would train the KL term alone)."""
+    muted = (settings.grqo_num_mute if settings.grqo_num_mute is not None
+             else round(settings.grqo_mute_fraction * num_queries))
+    if muted >= num_queries:
+        raise ValueError(f"GRQO mutes {muted} of {num_queries} queries: every advantage would "
+                         f"be 0")
+    return muted
 
 
 def pad_targets(labels: list[torch.Tensor], boxes: list[torch.Tensor]):
@@ -68,10 +88,14 @@ class TrainingObjective(nn.Module):
     module so they are gathered for the whole step.
     """
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, class_text: dict[int, torch.Tensor] | None = None):
         super().__init__()
         self.net = net
         self._registered = False
+        # the visual-text contrastive term: frozen class-name embeddings and the learnable
+        # temperature (a parameter of this module, so the engine trains and saves it)
+        self.class_text = class_text
+        self.contrastive = VisualTextContrastive() if class_text is not None else None
 
     def register_for_zero3(self) -> None:
         import deepspeed
@@ -83,6 +107,9 @@ class TrainingObjective(nn.Module):
         self._registered = True
 
     def forward(self, batch: dict[str, torch.Tensor], **kwargs):
+        if self.contrastive is not None:
+            kwargs.setdefault("class_text", self.class_text)
+            kwargs.setdefault("contrastive", self.contrastive)
         loss, logs = training_losses(self.net, batch, **kwargs)
         device = batch["pixel_values"].device.type
         # 1 when the engine runs this forward under bf16 autocast (deepspeed.precision=bf16)
@@ -194,7 +221,10 @@ def training_losses(model, batch: dict[str, torch.Tensor], *, stage: str = "sft"
     logs: dict[str, torch.Tensor | float] = {}
     if stage == "grqo":
         ref = reference.objectness(pixels, mask, boxes, prompts.layout, out.selected_indices)
-        scores = out.logits.max(-1).values
+        if s.grqo_pg_score not in ("decoder", "objectness"):
+            raise ValueError(f"grqo pg_score must be 'decoder' or 'objectness', got "
+                             f"{s.grqo_pg_score!r}")
+        scores = out.logits.max(-1).values if s.grqo_pg_score == "decoder" else out.objectness
         # the reward -min_j C_qj, as a [L, B, Q, 1] cost against each query's best GT; in the
         # graph for the release form (the same value and gradient as the full minimum)
         with torch.set_grad_enabled(s.grqo_form == "release" and torch.is_grad_enabled()):
@@ -202,7 +232,7 @@ def training_losses(model, batch: dict[str, torch.Tensor], *, stage: str = "sft"
                                    **cost_kw)
         grqo, logs = grqo_loss(best[..., None], gt_mask.any(-1, keepdim=True), out.objectness,
                                ref, form=s.grqo_form, alpha=s.grqo_alpha, beta=s.grqo_beta,
-                               num_mute=min(s.grqo_num_mute, out.logits.shape[2]),
+                               num_mute=muted_queries(s, out.logits.shape[2]),
                                scores=scores)
         terms["grqo"] = grqo
     total = torch.stack([t.float() for t in terms.values()]).sum()

@@ -67,6 +67,27 @@ def _ordered(*names: str) -> dict:
     return {name: options for name in names}
 
 
+def contrastive_class_names(cfg: TrainConfig, manifest: dict | None) -> dict[str, str] | None:
+    """The train shards' class names when the visual-text contrastive loss is on, else None.
+
+    ``objectives.contrastive``: true needs the names (a one-line error without them); "auto" is
+    on for a pretrained checkpoint (not a random-init preset, whose text encoder is noise) whose
+    shards name their classes; false never.
+    """
+    from dinor1.model.presets import PRESETS
+
+    mode = cfg.objectives.contrastive
+    names = {str(k): v for k, v in (manifest or {}).get("categories", {}).items()}
+    if mode is False or (mode == "auto" and cfg.model.init in PRESETS):
+        return None
+    if not names:
+        if mode is True:
+            raise UserError("objectives.contrastive=true needs class names: the train shards "
+                            "have no manifest.json with categories")
+        return None
+    return names
+
+
 def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
     """Start (or resume) the job; returns Ray Train's Result."""
     address = ray_address or os.environ.get("RAY_ADDRESS") or ""
@@ -123,6 +144,7 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
         datasets["val"] = detection_dataset(val, cfg.data, train=False)
         support = detection_dataset(cfg.eval.support_shards or shards, cfg.data, train=False)
         datasets["support"] = support
+    class_names = contrastive_class_names(cfg, shards.manifest)
     start = None  # Ray Train V2 has no resume_from_checkpoint: the loop loads it
     if cfg.checkpointing.start_from:
         start = str(latest_checkpoint(cfg.checkpointing.start_from))
@@ -136,6 +158,7 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
             # rank 0 keeps what it logs during an MLflow outage here (see tracking.MlflowWriter)
             "mlflow_spool_dir": str(local_output_dir(storage, name, "mlflow_spool")),
             "eval_categories": eval_categories, "start_from": start,
+            "class_names": class_names,  # {id: name} for the contrastive loss, or None
         },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=sc.use_gpu, placement_strategy=sc.placement_strategy,

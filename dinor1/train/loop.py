@@ -24,15 +24,19 @@ import torch
 from dinor1.train.checkpoints import CHECKPOINT_TAG, REFERENCE_NAME, STATE_NAME
 
 
-def _objective_settings(cfg):
+def _objective_settings(cfg, num_queries: int):
     from dinor1.objectives.step import ObjectiveSettings
 
     o, g = cfg.objectives, cfg.grqo
+    if cfg.stages.grqo_epochs:  # (a checkpoint's query count is known only now)
+        g.check_advantage(num_queries)
     return ObjectiveSettings(
         class_weight=o.class_weight, bbox_weight=o.bbox_weight, giou_weight=o.giou_weight,
         denoising=o.denoising, encoder_loss=o.encoder_loss,
         exemplars_per_class=cfg.prompts.exemplars_per_class, grqo_form=g.form,
-        grqo_alpha=g.alpha, grqo_beta=g.beta, grqo_num_mute=g.num_mute)
+        grqo_alpha=g.alpha, grqo_beta=g.beta,
+        grqo_pg_score=g.pg_score, grqo_num_mute=g.muted_queries(num_queries),
+        contrastive_weight=o.contrastive_weight)
 
 
 def _report_metrics(metrics: dict) -> dict:  # what goes with a checkpoint to Ray Train
@@ -62,6 +66,22 @@ def _build_model(cfg):
         compile_hot_modules(model, backend=cfg.model.compile_backend,
                             mode=cfg.model.compile_mode)
     return model
+
+
+def _class_text(cfg, model, class_names: dict[str, str] | None):
+    """{category id: frozen text embedding of its name} for the contrastive loss, or None (see
+    ``launch.contrastive_class_names``). Computed once, before the engine partitions weights."""
+    if not class_names:
+        return None
+    from dinor1.model.text import class_text_embeddings, load_tokenizer
+
+    names = {int(k): v for k, v in class_names.items()}
+    tokenizer = load_tokenizer(cfg.model.init, model.config.text_config.vocab_size,
+                               list(names.values()))
+    was_training = model.training
+    embeddings = class_text_embeddings(model.eval(), tokenizer, names)
+    model.train(was_training)
+    return embeddings
 
 
 def _engine_device_args(cfg):
@@ -295,12 +315,17 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # avoid a slow JIT build
     model = _build_model(cfg)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.optimizer.lr,
-                                  betas=cfg.optimizer.betas)
-    wrapped = TrainingObjective(model)
+    wrapped = TrainingObjective(model, _class_text(cfg, model, config.get("class_names")))
+    groups = parameter_groups(model, cfg)
+    if wrapped.contrastive is not None:  # its learnable temperature
+        groups.append({"params": list(wrapped.contrastive.parameters()), "lr": cfg.optimizer.lr,
+                       "weight_decay": 0.0, "name": "contrastive"})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=cfg.optimizer.betas)
     engine, optimizer, _, _ = deepspeed.initialize(args=_engine_device_args(cfg),
                                                    model=wrapped, optimizer=optimizer,
                                                    config=deepspeed_config(cfg))
+    if wrapped.class_text is not None:  # (a plain dict: the engine did not move it)
+        wrapped.class_text = {k: v.to(engine.device) for k, v in wrapped.class_text.items()}
     use_weights_only_loading(engine)  # resuming never unpickles code
     if cfg.deepspeed.zero_stage == 3:
         wrapped.register_for_zero3()
@@ -329,7 +354,7 @@ def train_loop_per_worker(config: dict) -> None:
         sums = state_checksums(engine, reference)
         tracker.log_now({"resume/step": float(state["step"]),
                          **{f"resume/{k}_checksum": v for k, v in sums.items()}}, state["step"])
-    objective = _objective_settings(cfg)
+    objective = _objective_settings(cfg, model.config.num_queries)
     shard = ray.train.get_dataset_shard("train")
 
     def save(metrics: dict) -> None:

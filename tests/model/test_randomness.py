@@ -19,19 +19,9 @@ from dinor1.model.randomness import (
     step_seed,
 )
 from dinor1.objectives.step import ObjectiveSettings, training_losses
+from tests.helpers import tiny_step_batch
 
-
-def _batch(device):
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "pixel_values": torch.randn(2, 3, 64, 64, generator=g),
-        "pixel_mask": torch.ones(2, 64, 64, dtype=torch.long),
-        "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2],
-                               [0.5, 0.5, 0.4, 0.4]]),
-        "class_labels": torch.tensor([4, 9, 9]),
-        "num_boxes": torch.tensor([2, 1]),
-    }
-    return {k: v.to(device) for k, v in batch.items()}
+_batch = tiny_step_batch
 
 
 def test_step_generators_live_where_their_draws_do(device):

@@ -122,13 +122,27 @@ def test_diagnostics_are_detached_tensors_by_hand():
 def test_policy_gradient_form_has_no_gradient_through_reward():
     cost, policy, ref = _inputs()
     scores = torch.zeros(2, 2, 3, requires_grad=True)
-    loss, _ = grqo_loss(cost, GT_MASK, policy, ref, form="policy_gradient", beta=0.0,
-                        num_mute=1, scores=scores)
+    loss, _ = grqo_loss(cost, GT_MASK, policy, ref, form="policy_gradient", alpha=0.1,
+                        beta=0.0, num_mute=1, scores=scores)
     loss.backward()
     assert cost.grad is None or cost.grad.abs().sum() == 0
-    # d/ds of -A * log sigmoid(s) at s = 0 is -A * 0.5, averaged over B*Q = 6 per layer
+    # d/ds of -alpha * A * log sigmoid(s) at s = 0 is -alpha * A * 0.5, averaged over B*Q = 6
+    # per layer (alpha applies to this form too: it was ignored)
     adv = grqo_advantages(torch.tensor([[-1.0, -2.0, -5.0], [0, 0, 0]]), 1,
                           torch.tensor([True, False]))
-    torch.testing.assert_close(scores.grad[0], -adv * 0.5 / 6)
+    torch.testing.assert_close(scores.grad[0], -0.1 * adv * 0.5 / 6)
+
+
+def test_policy_gradient_on_the_objectness_sums_every_layer_into_it():
+    """``grqo.pg_score: objectness``: one [B, Q] score for all layers, so its gradient is the
+    sum over layers of each layer's -alpha * A * (1 - sigmoid(s)) / (B * Q)."""
+    cost, policy, ref = _inputs()
+    objectness = torch.zeros(2, 3, requires_grad=True)
+    loss, _ = grqo_loss(cost, GT_MASK, policy, ref, form="policy_gradient", alpha=0.1,
+                        beta=0.0, num_mute=1, scores=objectness)
+    loss.backward()
+    rewards = query_rewards(cost.detach(), GT_MASK)
+    adv = grqo_advantages(rewards, 1, GT_MASK.any(-1))  # [L, B, Q]
+    torch.testing.assert_close(objectness.grad, (-0.1 * adv * 0.5 / 6).sum(0))
     with pytest.raises(ValueError, match="form"):
         grqo_loss(cost, GT_MASK, policy, ref, form="ppo")

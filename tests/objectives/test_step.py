@@ -11,19 +11,9 @@ from dinor1.model.randomness import step_generators
 from dinor1.objectives.contrastive import VisualTextContrastive
 from dinor1.objectives.reference import ReferenceModel
 from dinor1.objectives.step import ObjectiveSettings, training_losses
+from tests.helpers import tiny_step_batch
 
-
-def _batch(device="cpu"):
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "pixel_values": torch.randn(2, 3, 64, 64, generator=g),
-        "pixel_mask": torch.ones(2, 64, 64, dtype=torch.long),
-        "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2],
-                               [0.5, 0.5, 0.4, 0.4]]),
-        "class_labels": torch.tensor([4, 9, 9]),
-        "num_boxes": torch.tensor([2, 1]),
-    }
-    return {k: v.to(device) for k, v in batch.items()}
+_batch = tiny_step_batch
 
 
 def test_sft_terms_and_learning(device):
@@ -47,12 +37,13 @@ def test_sft_terms_and_learning(device):
     assert sum(losses[-3:]) < sum(losses[:3])  # it learns the batch
 
 
-@pytest.mark.parametrize("form", ["release", "policy_gradient"])
-def test_grqo_stage_adds_the_term_and_diagnostics(device, form):
+@pytest.mark.parametrize("form, score", [("release", "decoder"), ("policy_gradient", "decoder"),
+                                         ("policy_gradient", "objectness")])
+def test_grqo_stage_adds_the_term_and_diagnostics(device, form, score):
     torch.manual_seed(0)
     model = DinoR1(tiny_cpu()).train().to(device)
     reference = ReferenceModel(model, refresh="epoch")
-    settings = ObjectiveSettings(grqo_num_mute=10, grqo_form=form)
+    settings = ObjectiveSettings(grqo_num_mute=10, grqo_form=form, grqo_pg_score=score)
     loss, logs = training_losses(model, _batch(device), stage="grqo", settings=settings,
                                  reference=reference, generators=step_generators(0, device))
     loss.backward()
@@ -74,3 +65,13 @@ def test_contrastive_term_only_with_class_names():
     assert "loss/contrastive" in logs and contrast.log_scale.grad is not None
     _, logs = training_losses(model, _batch())
     assert "loss/contrastive" not in logs
+
+
+def test_grqo_refuses_to_mute_every_query():
+    from dinor1.objectives.step import muted_queries
+
+    assert muted_queries(ObjectiveSettings(), 900) == 300  # a third, as the release's 300 of 900
+    assert muted_queries(ObjectiveSettings(), 50) == 17
+    assert muted_queries(ObjectiveSettings(grqo_num_mute=10), 50) == 10
+    with pytest.raises(ValueError, match="mutes 50 of 50 queries"):
+        muted_queries(ObjectiveSettings(grqo_num_mute=50), 50)

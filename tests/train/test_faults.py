@@ -44,9 +44,13 @@ def test_nonfinite_losses_are_skipped_counted_and_logged(ray_cluster, shards, tm
 
     # rank 0 only: a NaN loss at the 3rd batch, NaN logits inside the 6th batch's forward (the
     # Hungarian matching sees them first and must not raise); every worker skips both together
+    # (with the visual-text contrastive loss on: the shards' class names, the text encoder)
     result = run_training(_config(shards, tmp_path, "faults.inject_nonfinite_batches=[3]",
-                                  "faults.inject_nonfinite_logits_batches=[6]"))
+                                  "faults.inject_nonfinite_logits_batches=[6]",
+                                  "objectives.contrastive=true"))
     assert result.error is None
+    contrastive = _history(tmp_path, "loss/contrastive")
+    assert [s for s, _ in contrastive] == [1, 2, 3, 4, 5, 6]
     assert _history(tmp_path, "train/nonfinite_steps") == [(3, 1.0), (5, 2.0)]
     losses = _history(tmp_path, "loss/total")
     # 8 batches, 2 skipped: 6 optimiser steps, all finite

@@ -47,3 +47,28 @@ def test_bf16_gradient_reduce_is_a_decision_of_the_config(bf16_reduce):
     marked = {name for name, p in model.named_parameters()
               if getattr(p, PARAM_COMM_DTYPE_ATTR_NAME, None) == torch.bfloat16}
     assert marked == ({"0.weight", "0.bias"} if bf16_reduce else set())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["grqo.num_mute=50"], "grqo.num_mute mutes 50 of the model's 50 queries"),
+    (["grqo.num_mute=null", "grqo.mute_fraction=0"], "grqo.mute_fraction mutes no query"),
+    (["grqo.alpha=0"], "grqo.alpha=0 turns the advantage term off"),
+])
+def test_grqo_settings_with_an_identically_zero_advantage_are_refused(overrides, message):
+    """tiny-cpu has 50 queries: the old default (300 muted) silently made GRQO KL-only."""
+    from dinor1.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        load_train_config(JOBS[0].parent / "demo.yaml", overrides)
+    # SFT-only runs are not GRQO runs: nothing to refuse
+    load_train_config(JOBS[0].parent / "demo.yaml", [*overrides, "stages.grqo_epochs=0"])
+
+
+def test_grqo_mutes_a_third_of_the_queries_by_default():
+    cfg = load_train_config(JOBS[0].parent / "demo.yaml", ["grqo.num_mute=null"])
+    assert cfg.grqo.muted_queries(50) == 17 and cfg.grqo.muted_queries(900) == 300
+    grqo = load_train_config(JOBS[0].parent / "grqo.yaml")
+    assert grqo.grqo.muted_queries(900) == 300
+    pg = load_train_config(JOBS[0].parent / "demo.yaml", ["grqo.num_mute=0",
+                                                           "grqo.form=policy_gradient"])
+    assert pg.grqo.muted_queries(50) == 0  # the policy-gradient form needs no mute
