@@ -2,8 +2,10 @@
 
 The driver creates the experiment (with an explicit artifact location) and the run, and passes
 the run id to the workers, so a restarted worker group keeps logging into the SAME run. Writes
-go through :class:`MlflowWriter`, which keeps training going through a tracking-server outage
-and delivers what was logged meanwhile when the server is back.
+go through :class:`MlflowWriter`: the training thread only queues them (and appends them to a
+spool file); a background thread delivers them in order, so a tracking server that is down, or
+accepts connections and never answers, does not slow training, and what was logged meanwhile
+is delivered when the server answers again (or named at the end for ``dinor1 mlflow sync``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 SPOOL_SUFFIX = ".mlflow-spool.jsonl"
 MAX_RECORDS_PER_CALL = 1000  # MLflow's log_batch limit for metrics
+MAX_KEPT_IN_MEMORY = 100_000  # records queued in memory; later ones wait in the spool file only
 
 
 def one_line(exc: BaseException) -> str:
@@ -105,18 +108,32 @@ def sync_spool(path: Path, tracking_uri: str | None = None) -> tuple[str, int]:
 
 class MlflowWriter:
     """Delivers one run's MLflow writes (metrics, tags, artifacts, the end of the run) in order,
-    without ever stopping training when the tracking server is unreachable.
+    on a background thread, so the caller (the training thread) never waits on the tracking
+    server: a write only appends its records to the spool file and to an in-memory queue.
 
-    While MLflow answers, each write is sent at once. When a write fails for a reason that may
-    pass (connection refused, timeout, a 5xx, a locked sqlite file), an outage begins: this and
-    every later write are kept in memory AND appended to a spool file (JSON lines, so a process
-    killed during the outage loses nothing), and a background thread retries with backoff. When
-    the server answers again, everything kept is delivered in order, the spool file is deleted,
-    and the outage is recorded in the run (``mlflow/outage_seconds``, ``mlflow/delayed_values``).
-    Spool files left by a killed process are delivered by the next writer of the same run, or
-    by ``dinor1 mlflow sync``; delivering a record twice is harmless (MLflow ignores an
-    identical metric, tags and artifacts overwrite). A write MLflow rejects (a 4xx) is reported
-    on stderr and counted, never retried.
+    The sender thread takes up to ``MAX_RECORDS_PER_CALL`` queued records at a time and
+    delivers them (:func:`deliver`). When that fails for a reason that may pass (connection
+    refused, a request that times out after ``MLFLOW_HTTP_REQUEST_TIMEOUT`` s because the server
+    accepts but never answers, a 5xx, a locked sqlite file), an outage begins: it is announced
+    on stderr and the same records are retried with backoff (1 s doubling up to
+    ``max_backoff``) while writes keep queueing. When the queue is empty again the outage ends
+    and is recorded (``mlflow/outage_seconds``, ``mlflow/delayed_values``: records delivered
+    while it lasted). When MLflow rejects a batch (a 4xx), its records are sent again one at a
+    time; each one rejected is reported on stderr and counted, never retried.
+
+    The spool file (JSON lines, a header with the run id and tracking URI, then records) is
+    written by the caller, before the records are queued: it is created by the first write
+    after the queue was empty and deleted when the queue is empty again, so it holds everything
+    not yet delivered, in order (after the records delivered since it was created), and a
+    process killed at any moment loses nothing. Spool files left by a killed process are
+    delivered by the next writer of the same run, or by ``dinor1 mlflow sync``; delivering a
+    record twice is harmless (MLflow ignores an identical metric, tags and artifacts
+    overwrite).
+
+    Memory is bounded: about ``MAX_KEPT_IN_MEMORY`` records are queued in memory; later ones
+    are only appended to the spool file and read back from it, in order, once the memory queue
+    has drained. Without a spool folder those later records are dropped (and counted as
+    undelivered).
     """
 
     def __init__(self, client, run_id: str, spool_dir: Path | None, *, tracking_uri: str = "",
@@ -124,20 +141,24 @@ class MlflowWriter:
         self.client, self.run_id, self.tracking_uri = client, run_id, tracking_uri
         self.spool_dir = Path(spool_dir) if spool_dir else None
         self.spool: Path | None = None
-        self.pending: list[dict] = []
+        self.pending: list[dict] = []  # queued in memory, oldest first
+        self.spool_only = 0  # records after ``pending`` that are only in the spool file
+        self.spool_done = 0  # records at the head of the spool file that are already handled
+        self.dropped = 0  # over the memory bound with no spool file: lost
         self.lock = threading.Lock()
-        self.wake = threading.Event()
+        self.changed = threading.Condition(self.lock)  # records queued / the queue emptied
+        self.wake = threading.Event()  # cuts a backoff wait short
         self.thread: threading.Thread | None = None
-        self.retrying = False  # a retry thread owns ``pending`` (set and cleared under the lock)
-        self.closed = False  # after close(): no more retrying; what is left stays in the spool
+        self.stop: threading.Event | None = None  # the running sender's own stop signal
+        self.closed = False  # close() gave up on records: they stay in the spool, no more sending
         self.max_backoff = max_backoff
         self.outage_since: float | None = None
         self.outage_seconds = 0.0
-        self.delayed = 0  # records delivered after an outage
+        self.delayed = 0  # records delivered during an outage
         self.rejected_count = 0
         self.last_error = ""
 
-    # -- writes ---------------------------------------------------------------------------
+    # -- writes (the caller's thread: no network I/O) --------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         self.write([{"kind": "metric", "key": k, "value": float(v), "timestamp": now,
@@ -156,84 +177,112 @@ class MlflowWriter:
         self.write([{"kind": "end"}])
 
     def write(self, records: list[dict]) -> None:
+        """Queue ``records`` for delivery (after everything queued before); returns at once."""
         if not records:
             return
         with self.lock:
-            if self.pending:  # an outage is on: keep the order
-                self._keep(records)
-                return
-        try:
-            deliver(self.client, self.run_id, records)
-        except Exception as exc:  # noqa: BLE001 - MLflow/requests/sqlite raise many types
-            if rejected(exc):
-                self._report_rejected(records, exc)
-                return
-            with self.lock:
-                self._begin_outage(exc)
-                self._keep(records)
+            self._append_to_spool(records)
+            if self.spool_only or len(self.pending) >= MAX_KEPT_IN_MEMORY:
+                if self.spool is not None:
+                    self.spool_only += len(records)
+                else:
+                    if not self.dropped:
+                        print(f"[mlflow] over {MAX_KEPT_IN_MEMORY} records waiting and no spool "
+                              "folder: later records are dropped", file=sys.stderr, flush=True)
+                    self.dropped += len(records)
+            else:
+                self.pending.extend(records)
+            if not self.closed:
+                self._start_sender()
+                self.changed.notify_all()
 
-    # -- outage handling ------------------------------------------------------------------
-    def _keep(self, records: list[dict]) -> None:
-        self.pending.extend(records)
-        if self.spool_dir is not None:
-            if self.spool is None:
-                self.spool_dir.mkdir(parents=True, exist_ok=True)
-                self.spool = self.spool_dir / (
-                    f"{self.run_id}-{os.getpid()}-{time.time_ns()}{SPOOL_SUFFIX}")
-                with self.spool.open("w") as f:
-                    f.write(json.dumps({"kind": "run", "run_id": self.run_id,
-                                        "tracking_uri": self.tracking_uri}) + "\n")
-            with self.spool.open("a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
+    def _append_to_spool(self, records: list[dict]) -> None:
+        if self.spool_dir is None:
+            return
+        if self.spool is None:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            self.spool = self.spool_dir / f"{self.run_id}-{os.getpid()}-{time.time_ns()}{SPOOL_SUFFIX}"
+            self.spool_done = 0
+            with self.spool.open("w") as f:
+                f.write(json.dumps({"kind": "run", "run_id": self.run_id,
+                                    "tracking_uri": self.tracking_uri}) + "\n")
+        with self.spool.open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
 
-    def _begin_outage(self, exc: BaseException) -> None:
-        self.last_error = one_line(exc)
-        if self.outage_since is None:
-            self.outage_since = time.monotonic()
-            print(f"[mlflow] tracking server unreachable ({self.last_error}); training goes on, "
-                  "metrics are kept and will be sent when it is back", file=sys.stderr,
-                  flush=True)
-        if not self.retrying and not self.closed:
-            self.retrying = True
-            self.thread = threading.Thread(target=self._retry, name="mlflow-retry", daemon=True)
-            self.thread.start()
+    # -- the sender thread -----------------------------------------------------------------
+    def _start_sender(self) -> None:
+        if self.thread is not None and self.thread.is_alive() and not self.stop.is_set():
+            return
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._send, args=(self.stop,), name="mlflow-writer",
+                                       daemon=True)
+        self.thread.start()
 
-    def _retry(self) -> None:
+    def _send(self, stop: threading.Event) -> None:
         backoff = 1.0
+        one_by_one = 0  # after a rejected batch: its records alone, to reject only the bad ones
         while True:
-            self.wake.wait(backoff)
-            self.wake.clear()
             with self.lock:
-                batch = self.pending[:MAX_RECORDS_PER_CALL]
-                if not batch or self.closed:
-                    self.retrying = False
+                while not (self.pending or self.spool_only) and not stop.is_set():
+                    self.changed.wait()
+                if stop.is_set():
                     return
+                batch = self.pending[:1 if one_by_one else MAX_RECORDS_PER_CALL]
+                reload = (self.spool, self.spool_done, min(self.spool_only, MAX_KEPT_IN_MEMORY))
+            if not batch:  # the memory queue drained: read the next records back from the spool
+                spool, start, count = reload
+                records = read_spool(spool)[1][start:start + count]
+                with self.lock:
+                    self.pending.extend(records)
+                    self.spool_only -= count
+                continue
+            attempt = time.monotonic()
             try:
                 deliver(self.client, self.run_id, batch)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - MLflow/requests/sqlite raise many types
+                if rejected(exc) and len(batch) > 1:
+                    one_by_one = len(batch)
+                    continue
                 if rejected(exc):
                     self._report_rejected(batch, exc)
                 else:
-                    self.last_error = one_line(exc)
+                    self._outage(exc, attempt)
+                    self.wake.wait(backoff)
+                    self.wake.clear()
                     backoff = min(backoff * 2, self.max_backoff)
                     continue
             else:
-                self.delayed += len(batch)
-            backoff = 0.0  # drain what is kept without waiting
+                if self.outage_since is not None:
+                    self.delayed += len(batch)
+            backoff = 1.0
+            one_by_one = max(0, one_by_one - len(batch))
             with self.lock:
+                if stop.is_set():  # close() gave up meanwhile: the spool file keeps it all
+                    return
                 del self.pending[:len(batch)]
-                if self.pending:
-                    continue
-                seconds = time.monotonic() - (self.outage_since or time.monotonic())
-                self.outage_seconds += seconds
-                self.outage_since = None
-                if self.spool is not None:
-                    self.spool.unlink(missing_ok=True)
-                    self.spool = None
-                self.retrying = False
-                print(f"[mlflow] tracking server back after {seconds:.0f} s; {self.delayed} "
-                      "kept records delivered so far", file=sys.stderr, flush=True)
-                return
+                self.spool_done += len(batch)
+                if not (self.pending or self.spool_only):
+                    self._all_delivered()
+
+    def _outage(self, exc: BaseException, since: float) -> None:
+        self.last_error = one_line(exc)
+        if self.outage_since is None:
+            self.outage_since = since  # (a request that timed out: since it was sent)
+            print(f"[mlflow] tracking server unreachable ({self.last_error}); training goes on, "
+                  "metrics are kept and will be sent when it is back", file=sys.stderr,
+                  flush=True)
+
+    def _all_delivered(self) -> None:
+        if self.spool is not None:
+            self.spool.unlink(missing_ok=True)
+            self.spool = None
+        if self.outage_since is not None:
+            seconds = time.monotonic() - self.outage_since
+            self.outage_seconds += seconds
+            self.outage_since = None
+            print(f"[mlflow] tracking server back after {seconds:.0f} s; {self.delayed} "
+                  "kept records delivered so far", file=sys.stderr, flush=True)
+        self.changed.notify_all()
 
     def _report_rejected(self, records: list[dict], exc: BaseException) -> None:
         self.rejected_count += len(records)
@@ -241,29 +290,53 @@ class MlflowWriter:
               f"({', '.join(sorted({r.get('key', r['kind']) for r in records})[:5])}): "
               f"{one_line(exc)}", file=sys.stderr, flush=True)
 
-    def close(self, timeout: float) -> dict[str, float]:
-        """Wait up to ``timeout`` s for kept writes; report what happened. What was not delivered
-        by then stays in the spool file (named on stderr) and is no longer retried here."""
+    # -- the end ---------------------------------------------------------------------------
+    def waiting(self) -> int:
+        """Records written but not delivered (nor rejected) yet."""
+        return len(self.pending) + self.spool_only + self.dropped
+
+    def flush(self, timeout: float) -> int:
+        """Wait up to ``timeout`` s for everything written to be delivered (retrying at least
+        every second meanwhile); returns how many records are still waiting."""
         deadline = time.monotonic() + timeout
-        while self.thread is not None and self.thread.is_alive() and time.monotonic() < deadline:
-            self.wake.set()
-            self.thread.join(min(1.0, max(0.0, deadline - time.monotonic())))
         with self.lock:
-            left = list(self.pending)
-            self.closed = bool(left)  # the retry thread stops; the spool file holds the rest
+            while (self.pending or self.spool_only) and self.thread is not None \
+                    and self.thread.is_alive() and not self.closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.wake.set()
+                self.changed.wait(min(1.0, left))
+            return self.waiting()
+
+    def close(self, timeout: float) -> dict[str, float]:
+        """Wait up to ``timeout`` s for pending writes and stop the sender; report what happened.
+        What was not delivered by then stays in the spool file (named on stderr) and is no longer
+        sent here. Returns within ``timeout`` plus one request timeout (a request in flight)."""
+        left = self.flush(timeout)
+        with self.lock:
+            self.closed = self.closed or left > 0
+            thread, stop = self.thread, self.stop
+            if stop is not None:
+                stop.set()
             self.wake.set()
-        if self.closed and self.thread is not None:
-            self.thread.join(timeout=30)  # (at most one request in flight)
+            self.changed.notify_all()
+        if thread is not None:
+            thread.join(float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")) + 1.0)
+        with self.lock:
+            left = self.waiting()
+            steps = [r["step"] for r in self.pending if r["kind"] == "metric"]
         summary = {"mlflow/outage_seconds": self.outage_seconds,
                    "mlflow/delayed_values": float(self.delayed),
                    "mlflow/rejected_values": float(self.rejected_count),
-                   "mlflow/undelivered_values": float(len(left))}
+                   "mlflow/undelivered_values": float(left)}
         if left:
-            steps = [r["step"] for r in left if r["kind"] == "metric"]
             span = f" (steps {min(steps)}-{max(steps)})" if steps else ""
-            print(f"[mlflow] tracking server still unreachable at the end ({self.last_error}): "
-                  f"{len(left)} records{span} were not delivered; they are kept in {self.spool}; "
-                  f"send them with: dinor1 mlflow sync {self.spool}", file=sys.stderr, flush=True)
+            kept = (f"they are kept in {self.spool}; send them with: dinor1 mlflow sync "
+                    f"{self.spool}" if self.spool else "no spool folder: they are lost")
+            print(f"[mlflow] tracking server still unreachable at the end "
+                  f"({self.last_error or 'no answer yet'}): {left} records{span} were not "
+                  f"delivered; {kept}", file=sys.stderr, flush=True)
         return summary
 
 
@@ -303,8 +376,11 @@ def gather_placements(rank: int, **extra) -> list[dict]:
 class RankZeroTracker:
     """Logs metrics and prints progress on rank 0; does nothing on other ranks.
 
-    Writes go through an :class:`MlflowWriter` (a tracking-server outage never stops training).
-    At start it first delivers spool files an earlier attempt of the same run left behind.
+    Writes go through an :class:`MlflowWriter`: they are queued and sent by its background
+    thread, so a tracking server that is down, or up but not answering, never holds up the
+    training loop. At start it first queues spool files an earlier attempt of the same run left
+    behind. MLflow's system-metrics sampler (CPU, memory, GPU; its own thread and requests) is
+    also started and stopped on helper threads: nothing here waits on the server.
     """
 
     def __init__(self, config: dict, rank: int, world: int):
@@ -316,7 +392,9 @@ class RankZeroTracker:
         self.started = time.time()
         self.run_id = config.get("mlflow_run_id")
         self.final_dir = config.get("final_model_dir")
-        self.system_metrics = False
+        self.sampler = None  # MLflow's SystemMetricsMonitor, once started
+        self.sampler_lock = threading.Lock()
+        self.finished = False
         if self.enabled:
             import mlflow
 
@@ -331,15 +409,26 @@ class RankZeroTracker:
             if spool_dir and Path(spool_dir).is_dir():
                 for path in spool_files(Path(spool_dir), self.run_id):  # a killed attempt's
                     _, records = read_spool(path)
+                    self.writer.write(records)  # (now in this writer's own spool file)
                     path.unlink()
-                    self.writer.write(records)
             self.writer.set_tag("world_size", str(world))
-            try:  # the fluent run only drives MLflow's system-metrics sampler (CPU, memory, GPU)
-                mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
-                self.system_metrics = True
-            except Exception as exc:  # noqa: BLE001 - an unreachable server: no sampler
-                print(f"[mlflow] system metrics off for this attempt: {one_line(exc)}",
-                      file=sys.stderr, flush=True)
+            threading.Thread(target=self._start_sampler, args=(config["tracking_uri"],),
+                             name="mlflow-sampler-start", daemon=True).start()
+
+    def _start_sampler(self, tracking_uri: str) -> None:
+        # (resuming the sampler's step count reads the run from the server: not on our thread)
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            sampler = SystemMetricsMonitor(self.run_id, resume_logging=True,
+                                           tracking_uri=tracking_uri)
+            with self.sampler_lock:
+                if not self.finished:
+                    sampler.start()
+                    self.sampler = sampler
+        except Exception as exc:  # noqa: BLE001 - no sampler, training goes on
+            print(f"[mlflow] system metrics off for this attempt: {one_line(exc)}",
+                  file=sys.stderr, flush=True)
 
     def set_tag(self, key: str, value: str) -> None:
         if self.enabled:
@@ -369,7 +458,7 @@ class RankZeroTracker:
 
     def finish(self, module, state_dict, step: int) -> dict[str, float]:
         """Export the final weights (``from_pretrained`` directory), log them, end the run, and
-        wait (``mlflow.final_sync_seconds``) for anything kept during an outage. Returns the
+        wait (``mlflow.final_sync_seconds``) for everything still queued. Returns the
         writer's summary (``mlflow/*``: outage seconds, delayed/undelivered values)."""
         from dinor1 import storage
 
@@ -381,13 +470,12 @@ class RankZeroTracker:
         print(f"[train] final weights: {remote or target}", file=sys.stderr, flush=True)
         if not self.enabled:
             return {}
-        import mlflow
-
-        if self.system_metrics:
-            try:
-                mlflow.end_run()  # stops the sampler (and marks the run finished)
-            except Exception as exc:  # noqa: BLE001
-                print(f"[mlflow] {one_line(exc)}", file=sys.stderr, flush=True)
+        with self.sampler_lock:
+            self.finished = True
+            sampler = self.sampler
+        if sampler is not None:  # (its last request may hang: not on this thread)
+            threading.Thread(target=sampler.finish, name="mlflow-sampler-stop",
+                             daemon=True).start()
         self.writer.log_artifacts(str(target), "final_model")
         self.writer.end_run()
         summary = self.writer.close(self.sync_seconds)

@@ -1,7 +1,8 @@
 """The MLflow tracking server going away during training, on the real thing: an `mlflow server`
 on 127.0.0.1 stopped and started again on the same port (same database). Training never stops for
 it; what is logged meanwhile is kept (in memory and a spool file) and delivered when the server
-is back, or named at the end and sent later with `dinor1 mlflow sync`."""
+is back, or named at the end and sent later with `dinor1 mlflow sync`. (A server that accepts
+connections and never answers: tests/train/test_tracking_hang.py.)"""
 
 import threading
 import time
@@ -44,7 +45,8 @@ def test_writes_during_an_outage_are_kept_and_delivered(server, tmp_path, capsys
     writer = MlflowWriter(client, run_id, tmp_path / "spool", tracking_uri=server.uri,
                           max_backoff=1.0)
     writer.log_metrics({"loss": 1.0}, 1)
-    assert not list((tmp_path / "spool").glob("*"))  # healthy: sent at once, nothing kept
+    assert writer.flush(timeout=30) == 0  # (sent by the writer's thread)
+    assert not list((tmp_path / "spool").glob("*"))  # healthy: delivered, nothing kept
 
     server.stop()
     started = time.monotonic()
@@ -52,7 +54,11 @@ def test_writes_during_an_outage_are_kept_and_delivered(server, tmp_path, capsys
     writer.set_tag("phase", "outage")
     writer.log_metrics({"loss": 3.0}, 3)
     assert time.monotonic() - started < 10  # training is not held up
-    assert "tracking server unreachable" in capsys.readouterr().err
+    err, deadline = "", time.monotonic() + 10  # (the writer's thread finds out)
+    while "tracking server unreachable" not in err and time.monotonic() < deadline:
+        time.sleep(0.05)
+        err += capsys.readouterr().err
+    assert "tracking server unreachable" in err
     spools = list((tmp_path / "spool").glob(f"*{SPOOL_SUFFIX}"))
     assert len(spools) == 1 and len(spools[0].read_text().splitlines()) == 4  # header + 3
 
