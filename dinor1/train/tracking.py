@@ -201,7 +201,8 @@ class MlflowWriter:
             return
         if self.spool is None:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
-            self.spool = self.spool_dir / f"{self.run_id}-{os.getpid()}-{time.time_ns()}{SPOOL_SUFFIX}"
+            self.spool = self.spool_dir / (
+                f"{self.run_id}-{os.getpid()}-{time.time_ns()}{SPOOL_SUFFIX}")
             self.spool_done = 0
             with self.spool.open("w") as f:
                 f.write(json.dumps({"kind": "run", "run_id": self.run_id,
