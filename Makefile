@@ -9,9 +9,8 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup.stamp
-# Test/demo processes: loopback-only Ray, no Ray auth tokens for throwaway local clusters,
-# no MLflow telemetry.
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+# No MLflow telemetry. (A Ray that dinor1 starts itself, as `make demo`, `make bench` and the
+# tests do, is loopback-only by its own choice; a Ray cluster is never told so.)
 export MLFLOW_DISABLE_TELEMETRY := true
 
 .PHONY: setup demo test lint bench clean

@@ -207,6 +207,10 @@ class CheckpointSection(StrictModel):
     # start a NEW run from another run's checkpoint (weights, optimiser, step, epoch): a
     # checkpoint folder, or a run folder (its newest checkpoint). Used to branch recipes.
     start_from: str | None = None
+    # re-entering an existing run folder (same name and storage_path): true continues it even
+    # with other settings than it was started with, or after it finished (the changes are
+    # recorded in MLflow); false refuses both, and only resumes an interrupted run as it was
+    resume: bool = False
 
 
 class FaultsSection(StrictModel):

@@ -105,7 +105,6 @@ def demo(out: str, *, num_train: int = 2000, overrides: tuple[str, ...] = ()) ->
     """The whole demo; prints the comparison table, the PNG path and how to open MLflow."""
     import os
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from dinor1.compare import compare_runs
     from dinor1.data.inspect import format_inspect_report, inspect_shards
     from dinor1.data.prepare import synthesize

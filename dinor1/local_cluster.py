@@ -36,6 +36,8 @@ from pathlib import Path
 from dinor1.errors import UserError
 
 HOST = "127.0.0.1"
+# Ray's switch for Windows/macOS clusters; at 0 it is Ray's local-only mode on Linux too
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 STATE_NAME = "cluster.json"
 # `ray start` for an extra node, keeping a 127.0.0.1 head address as given (Ray replaces a
 # loopback address with the machine's network address when joining nodes)
@@ -82,13 +84,24 @@ def _bin(name: str) -> str:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray port on 127.0.0.1
+    env[LOOPBACK_ENV] = "0"  # every Ray port on 127.0.0.1
     # a loopback-only cluster for one user: no Ray auth token unless the user asks for one
     env.setdefault("RAY_AUTH_MODE", "disabled")
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+def loopback_only_ray() -> None:
+    """Ray's local-only mode for a Ray that this process starts: every Ray port (and gloo's
+    master address) on 127.0.0.1, unless the environment already says otherwise. Never for a
+    cluster someone else started. Ray reads the variable when it is imported, so the module
+    already imported here is told too (its children read the environment)."""
+    os.environ.setdefault(LOOPBACK_ENV, "0")
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(LOOPBACK_ENV, True)
 
 
 def free_port() -> int:
@@ -237,7 +250,7 @@ def up(state_dir: str | Path = ".dinor1_cluster", *, nodes: int = 1, head_cpus: 
             log(f"[cluster] Ray node {i} ({node_cpus} CPUs, resource {resource})")
             _ray_start(["--address", cluster.gcs_address,
                         *_node_args(node_cpus, resource, object_store_mb)],
-                       dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1"), f"node {i}", node=True)
+                       dict(env, **{LOOPBACK_ENV: "1"}), f"node {i}", node=True)
             cluster.nodes.append({"name": f"node{i}", "cpus": node_cpus, "resource": resource})
             _save(cluster)
         if not wait_http(f"{cluster.dashboard_url}/api/version", 60):

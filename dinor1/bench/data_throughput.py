@@ -162,8 +162,6 @@ def run_data_benchmark(
     work_dir: str | None = None,
 ) -> dict:
     import numpy as np
-
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     from dinor1.config import DataConfig
@@ -187,6 +185,9 @@ def run_data_benchmark(
         single = {form: max(n / t for n, t in (
             _single_process_epoch(shard_set, cfg, norm, single_cpu if not norm else None)
             for _ in range(repeats))) for form, norm in forms.items()}
+        from dinor1.local_cluster import loopback_only_ray
+
+        loopback_only_ray()  # a Ray of its own (num_cpus), on 127.0.0.1 only
         ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
                  log_to_driver=False)
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from dinor1 import storage as store
 from dinor1.config import TrainConfig, experiment_id, resolve_paths  # noqa: F401 (re-exported)
 from dinor1.errors import UserError
 from dinor1.storage import join
@@ -88,16 +90,106 @@ def contrastive_class_names(cfg: TrainConfig, manifest: dict | None) -> dict[str
     return names
 
 
+FINISHED = "finished"  # written into the run folder when fit() returned without an error
+# settings that may differ between attempts of one run without being a change of settings
+RERUN_IGNORED = ("checkpointing.resume",)
+
+
+def start_or_join_ray(address: str | None = None) -> bool:
+    """Join the Ray cluster named by ``address``, ``RAY_ADDRESS`` or left by ``ray start`` on
+    this machine (``ray.init()``'s own rule) with Ray's settings as they are; with none of
+    them, start a Ray of this process on 127.0.0.1 only. True when started here."""
+    import ray
+    from ray._private import services
+
+    if ray.is_initialized():
+        return False
+    if address or os.environ.get("RAY_ADDRESS") or services.find_bootstrap_address(None):
+        ray.init(address=address, configure_logging=False)
+        return False
+    from dinor1.local_cluster import loopback_only_ray
+
+    loopback_only_ray()
+    ray.init(configure_logging=False)
+    return True
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(stored: dict, current: dict) -> list[str]:
+    """``key: old -> new`` for each setting (dotted key) that differs, sorted by key."""
+    old, new = _flat(stored), _flat(current)
+    missing = object()
+    return [f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
+            for key in sorted(old.keys() | new.keys())
+            if key not in RERUN_IGNORED and old.get(key, missing) != new.get(key, missing)]
+
+
+def check_rerun(cfg: TrainConfig, storage: Path | str, name: str) -> list[str]:
+    """Refuse (one line) to re-enter the run folder ``storage/name`` with other settings than
+    it keeps in ``resolved_config.yaml``, or a finished run, unless ``checkpointing.resume``;
+    returns the changed settings a resumed run continues with. A run that stopped before the
+    end with the same settings resumes (Ray Train's behaviour)."""
+    stored_file = join(storage, name, "resolved_config.yaml")
+    if not store.exists(stored_file):
+        return []
+    try:
+        stored = yaml.safe_load(store.read_text(stored_file)) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{stored_file}: unreadable ({str(exc).splitlines()[0]}); "
+                        "pick a new checkpointing.name") from None
+    changes = config_changes(stored, cfg.model_dump(mode="json"))
+    if cfg.checkpointing.resume:
+        return changes
+    if changes:
+        shown = ", ".join(changes[:6]) + (f", {len(changes) - 6} more" if len(changes) > 6 else "")
+        raise UserError(f"run {name} exists in {storage} with other settings ({shown}); pick a "
+                        "new checkpointing.name or set checkpointing.resume=true to continue it "
+                        "with these")
+    if store.exists(join(storage, name, FINISHED)) or store.exists(join(storage, name,
+                                                                        "final_model")):
+        raise UserError(f"run {name} in {storage} is finished; set checkpointing.resume=true to "
+                        "continue it, or pick a new checkpointing.name to train again")
+    return []
+
+
+def _record_attempt(cfg: TrainConfig, storage: Path | str, name: str, uri: str, run_id: str,
+                    changes: list[str], started_here: bool) -> None:
+    """The run folder keeps the settings of its latest attempt; MLflow gets the changes a
+    resume made (its params keep the first attempt's values) and the Ray the driver used."""
+    import mlflow
+    import ray
+
+    tags = {"dinor1.ray": json.dumps({
+        "gcs_address": ray.get_runtime_context().gcs_address,
+        "driver_node_ip": ray.util.get_node_ip_address(), "started_here": started_here,
+        "loopback_only": os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"})}
+    if changes:
+        resolved = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+        store.write_text(join(storage, name, "resolved_config.yaml"), resolved)
+        tags["dinor1.resumed_with"] = ", ".join(changes)  # the latest attempt's changes
+        print(f"[train] resuming {name} with changed settings: {', '.join(changes)}",
+              file=sys.stderr)
+    try:
+        client = mlflow.MlflowClient(uri)
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value[:5000])
+    except Exception as exc:  # noqa: BLE001 - a tag is not worth stopping the run for
+        print(f"[train] MLflow tags not set ({type(exc).__name__}: {str(exc)[:200]})",
+              file=sys.stderr)
+
+
 def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
     """Start (or resume) the job; returns Ray Train's Result."""
-    address = ray_address or os.environ.get("RAY_ADDRESS") or ""
-    if not address or address.split("://")[-1].startswith(("127.0.0.1", "localhost")):
-        # a Ray this process starts itself, or a loopback cluster: Ray's local-only mode keeps
-        # every address on 127.0.0.1. A driver joining a remote multi-node cluster keeps Ray's
-        # default (the cluster configs set the variable to 1 on their nodes and jobs).
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -109,6 +201,7 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
           file=sys.stderr)
     shards = open_shard_set(cfg.data.train_shards)  # fails early on a missing shard folder
     storage, name, uri = resolve_paths(cfg)
+    changed = check_rerun(cfg, storage, name)  # one-line refusal before anything starts
     if isinstance(storage, Path):
         storage.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # seconds, not minutes
@@ -121,8 +214,8 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
             raise
         raise UserError(f"mlflow.tracking_uri {uri}: the tracking server does not answer "
                         f"({one_line(exc)[:200]}); nothing was started") from exc
-    if not ray.is_initialized():
-        ray.init(address=ray_address, configure_logging=False)
+    started_here = start_or_join_ray(ray_address)
+    _record_attempt(cfg, storage, name, uri, run_id, changed, started_here)
     sc = cfg.scaling
     workers = (sc.min_workers, sc.max_workers) if sc.min_workers else sc.num_workers
     per_epoch = None
@@ -177,6 +270,8 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
             failure_config=FailureConfig(max_failures=cfg.checkpointing.max_failures)),
     )
     result = trainer.fit()
+    if result.error is None:
+        store.write_text(join(storage, name, FINISHED), f"{run_id}\n")
     print(f"[train] MLflow run {run_id} at {uri}; checkpoints in {join(storage, name)}",
           file=sys.stderr)
     return result

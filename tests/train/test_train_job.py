@@ -108,7 +108,9 @@ def test_resume_restores_state_into_the_same_mlflow_run(ray_cluster, shards, tmp
     run_id = (tmp_path / "demo" / "mlflow_run_id").read_text().strip()
     exported = DinoR1.from_pretrained(str(tmp_path / "demo" / "final_model"))
 
-    result = run_training(load_train_config(job, [*common, "stages.grqo_epochs=2"]))
+    # a finished run with other settings is only re-entered when asked to (see test_rerun.py)
+    result = run_training(load_train_config(job, [*common, "stages.grqo_epochs=2",
+                                                  "checkpointing.resume=true"]))
     assert result.error is None
     assert (tmp_path / "demo" / "mlflow_run_id").read_text().strip() == run_id
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -126,6 +128,8 @@ def test_resume_restores_state_into_the_same_mlflow_run(ray_cluster, shards, tmp
     steps = sorted(m.step for m in client.get_metric_history(run_id, "loss/total"))
     assert steps == [1, 2, 3, 4, 5, 6]  # SFT 1-2 and GRQO 3-4 in run 1, GRQO 5-6 after restore
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss/grqo")) == [3, 4, 5, 6]
+    tags = client.get_run(run_id).data.tags
+    assert tags["dinor1.resumed_with"] == "stages.grqo_epochs: 1 -> 2"
 
 
 @pytest.mark.parametrize("override, message", [
