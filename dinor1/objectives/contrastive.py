@@ -22,7 +22,9 @@ class VisualTextContrastive(nn.Module):
 
     def __init__(self, init_log_scale: float = INIT_LOG_SCALE):
         super().__init__()
-        self.log_scale = nn.Parameter(torch.tensor(float(init_log_scale)))
+        # shape [1], not a 0-dim scalar: DeepSpeed broadcasts parameters as byte views, which a
+        # 0-dim tensor cannot take
+        self.log_scale = nn.Parameter(torch.tensor([float(init_log_scale)]))
 
     def forward(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """visual, text: [U, d] (row u of each is class u). Returns a scalar loss."""
