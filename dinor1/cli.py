@@ -119,8 +119,9 @@ def _add_training_bench_commands(bsub) -> None:
 
 
 def _add_job_arguments(parser) -> None:
-    """CONFIG, key=value overrides and --address: what every job-running command takes."""
-    parser.add_argument("config", help="job YAML, e.g. jobs/demo.yaml")
+    """JOB, key=value overrides and --address: what every job-running command takes."""
+    parser.add_argument("config", metavar="JOB",
+                        help="job YAML path (jobs/demo.yaml) or packaged job name (demo, grqo)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--address", default=None,
                         help="Ray cluster address (default: RAY_ADDRESS or a new local Ray)")
@@ -132,9 +133,9 @@ def _add_eval_commands(sub) -> None:
     ev = sub.add_parser(
         "eval",
         help="score a checkpoint on evaluation shards (Ray Data batch inference + pycocotools)",
-        description="CONFIG is a job YAML; its data and eval sections apply. checkpoint=PATH is "
-        "short for eval.checkpoint=PATH (a model directory, a training run folder, a Hugging Face "
-        "checkpoint, or a preset). Other overrides are dotted keys, e.g. "
+        description="JOB is a job YAML or a packaged job's name; its data and eval sections "
+        "apply. checkpoint=PATH is short for eval.checkpoint=PATH (a model directory, a training "
+        "run folder, a Hugging Face checkpoint, or a preset). Other overrides are dotted keys, e.g. "
         "eval.prompt_modes=[generic,text] eval.max_images=100. Metrics go to a new MLflow run "
         "linked to the training run; artifacts to eval.out_dir.",
     )
@@ -175,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train DINO-R1 with Ray Train + DeepSpeed, tracked in MLflow",
-        description="CONFIG is a job YAML (see jobs/); key=value overrides use dotted keys, "
+        description="JOB is a job YAML path or the name of a packaged job (demo, sft, grqo: "
+        "the files of jobs/); key=value overrides use dotted keys, "
         "e.g. data.batch_size=8 deepspeed.zero_stage=3. Unknown keys and bad values fail "
         "before anything starts.",
     )
@@ -290,8 +292,9 @@ def cmd_train(args) -> int:
     import yaml
 
     from dinor1.config import load_train_config
+    from dinor1.jobs_index import resolve_job
 
-    cfg = load_train_config(args.config, args.overrides)
+    cfg = load_train_config(resolve_job(args.config), args.overrides)
     if args.check:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
@@ -312,16 +315,17 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from dinor1.config import load_train_config
+    from dinor1.jobs_index import resolve_job
 
     overrides = [f"eval.{o}" if o.startswith("checkpoint=") else o for o in args.overrides]
-    cfg = load_train_config(args.config, overrides, require_train_shards=False)
+    cfg = load_train_config(resolve_job(args.config), overrides, require_train_shards=False)
     if args.address:
         import ray
 
         ray.init(address=args.address, configure_logging=False)
-    from dinor1.eval.evaluate import evaluate
+    from dinor1.eval.job import evaluate_job
 
-    outcome = evaluate(cfg, log_mlflow=not args.no_mlflow)
+    outcome = evaluate_job(cfg, log_mlflow=not args.no_mlflow)
     for mode, result in outcome.modes.items():
         print(f"\n== {mode} prompts: {outcome.num_images} images, "
               f"{outcome.num_skipped} skipped ==")

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dinor1.errors import UserError
+from dinor1.jobs_index import packaged_job
 
-JOB = Path(__file__).parents[1] / "jobs" / "demo.yaml"
+JOB = "demo"  # the packaged job (jobs/demo.yaml), see dinor1.jobs_index
 
 
 @dataclass
@@ -53,7 +54,7 @@ def run_recipes(shards: dict[str, Path], runs_dir: Path, *, seed: int = 0,
     (e.g. ``{"grqo-pg": ("grqo.form=policy_gradient",)}``); their metrics are keyed by name.
     """
     from dinor1.config import load_train_config, resolve_paths
-    from dinor1.eval.evaluate import evaluate
+    from dinor1.eval.job import evaluate_job
     from dinor1.storage import join
     from dinor1.train.launch import run_training
 
@@ -61,11 +62,10 @@ def run_recipes(shards: dict[str, Path], runs_dir: Path, *, seed: int = 0,
     common = [f"data.train_shards={shards['train']}", f"data.val_shards={shards['val']}",
               f"eval.support_shards={shards['support']}", f"checkpointing.storage_path={runs_dir}",
               f"seed={seed}", f"data.seed={seed}", *overrides]
-    if not JOB.is_file():
-        raise UserError(f"{JOB} not found (run the demo from a checkout of the project)")
+    job = packaged_job(JOB)
 
     def config(name: str, sft: int, grqo: int, *extra: str):
-        return load_train_config(JOB, [*common, f"mlflow.run_name={name}",
+        return load_train_config(job, [*common, f"mlflow.run_name={name}",
                                        f"stages.sft_epochs={sft}", f"stages.grqo_epochs={grqo}",
                                        *extra])
 
@@ -95,7 +95,7 @@ def run_recipes(shards: dict[str, Path], runs_dir: Path, *, seed: int = 0,
         storage, name, uri = resolve_paths(cfg)
         _stage(f"seed {seed}: evaluating {recipe} on the val split (generic prompts)", started)
         cfg.eval.checkpoint = join(storage, name)
-        metrics[recipe] = evaluate(cfg).metrics
+        metrics[recipe] = evaluate_job(cfg).metrics
         names[recipe] = name
     return RecipeRuns(seed=seed, metrics=metrics, run_names=names, tracking_uri=uri,
                       experiment=prefix.mlflow.experiment, minutes=(time.time() - started) / 60)

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_pipelines.shard_format import MANIFEST_NAME, SHARD_PATTERN, sample_key
 from dinor1.data.quality import DROP_RULES, SKIP_KINDS
+from dinor1.data_pipelines.shard_format import MANIFEST_NAME, SHARD_PATTERN, sample_key
 from tests.helpers import write_tar
 
 CATEGORIES = {1: "cat", 2: "dog", 5: "bird"}

@@ -93,9 +93,9 @@ def subprocess_env(**extra: str) -> dict:
 
 def synthetic_train_shards(root: Path, num_train: int, samples_per_shard: int) -> Path:
     """``root/shards``: the synthetic dataset's train split (96 px) written as shards."""
-    from data_pipelines.converters import load_coco
-    from data_pipelines.shard_writer import write_shards
-    from data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
+    from dinor1.data_pipelines.converters import load_coco
+    from dinor1.data_pipelines.shard_writer import write_shards
+    from dinor1.data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
 
     ann = generate_synthetic_coco(root / "coco", SyntheticConfig(
         image_size=96, num_train=num_train, num_val=1, num_support=1))["train"]

@@ -66,3 +66,35 @@ def test_overrides_may_follow_options(capsys):
         main(["train", job, "--check", "--bogus"])
     with pytest.raises(SystemExit):
         main(["train", job, "--check", "not-an-override"])
+
+
+def test_packaged_job_by_name(tmp_path, monkeypatch, capsys):
+    """`dinor1 train grqo` / `demo.yaml` name the packaged jobs (the files of jobs/) from any
+    folder; a file of that name in the current folder wins."""
+    from dinor1.cli import main
+    from dinor1.jobs_index import packaged_job, packaged_jobs
+
+    jobs = Path(__file__).parents[1] / "jobs"
+    assert packaged_jobs() == sorted(p.stem for p in jobs.glob("*.yaml"))
+    assert packaged_job("grqo").read_bytes() == (jobs / "grqo.yaml").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "grqo", "--check"]) == 0
+    assert "train_shards: shards/o365/train" in capsys.readouterr().out
+    assert main(["train", "demo.yaml", "--check", "data.batch_size=3"]) == 0
+    assert "batch_size: 3" in capsys.readouterr().out
+    (tmp_path / "demo.yaml").write_text("data:\n  train_shards: mine\n")
+    assert main(["train", "demo.yaml", "--check"]) == 0
+    assert "train_shards: mine" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("job", ["nosuchjob", "jobs/nosuchjob.yaml"])
+def test_unknown_job_is_one_line_listing_packaged_jobs(job, tmp_path, monkeypatch, capsys):
+    from dinor1.cli import main
+    from dinor1.jobs_index import packaged_jobs
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", job, "--check"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dinor1: error:") and job in err
+    assert {"demo", "grqo", "sft"} <= set(packaged_jobs())
+    assert f"packaged jobs: {', '.join(packaged_jobs())})" in err

@@ -16,7 +16,8 @@ def run_eval_benchmark(*, num_images: int = 300, image_size: int = 128,
                        overrides: tuple[str, ...] = ()) -> dict:
     from dinor1.config import load_train_config
     from dinor1.data.prepare import synthesize
-    from dinor1.eval.evaluate import evaluate
+    from dinor1.eval.job import evaluate_job
+    from dinor1.jobs_index import packaged_job
 
     work = Path(work_dir or tempfile.mkdtemp(prefix="dinor1-bench-eval-"))
     dirs = synthesize(str(work / "data"), image_size=image_size, num_train=1, num_val=num_images,
@@ -26,7 +27,7 @@ def run_eval_benchmark(*, num_images: int = 300, image_size: int = 128,
 
         checkpoint = str(work / "model")
         DinoR1.from_pretrained("tiny-cpu").save_pretrained(checkpoint)
-    job = Path(__file__).parents[2] / "jobs" / "demo.yaml"
+    job = packaged_job("demo")
     results = {}
     for backend in ("pycocotools", "faster_coco_eval"):
         cfg = load_train_config(job, [
@@ -35,7 +36,7 @@ def run_eval_benchmark(*, num_images: int = 300, image_size: int = 128,
             f"eval.out_dir={work / backend}", f"checkpointing.storage_path={work / 'runs'}",
             f"data.eval_short_side={image_size}", f"data.eval_max_size={image_size}",
             *overrides], require_train_shards=False)
-        outcome = evaluate(cfg, log_mlflow=False)
+        outcome = evaluate_job(cfg, log_mlflow=False)
         results[backend] = {"images_per_s": outcome.images_per_s,
                             "scoring_fraction": outcome.metrics["eval/scoring_fraction"],
                             "AP": outcome.metrics["eval/generic/AP"]}

@@ -19,13 +19,13 @@ def run_train_benchmark(*, steps: int = 40, skip: int = 5, image_size: int = 128
 
     from dinor1.config import load_train_config
     from dinor1.data.prepare import synthesize
+    from dinor1.jobs_index import packaged_job
     from dinor1.train.launch import run_training
 
     work = Path(work_dir or tempfile.mkdtemp(prefix="dinor1-bench-train-"))
     dirs = synthesize(str(work), image_size=image_size, num_train=max(400, steps * 8 + 80),
                       num_val=1, num_support=1, workers=2)
-    job = Path(__file__).parents[2] / "jobs" / "demo.yaml"
-    cfg = load_train_config(job if job.exists() else None, [
+    cfg = load_train_config(packaged_job("demo"), [
         f"data.train_shards={dirs['train']}", f"stages.max_steps_per_epoch={steps}",
         "stages.sft_epochs=1", "stages.grqo_epochs=1", f"checkpointing.storage_path={work}/runs",
         f"checkpointing.every_steps={10 * steps}", "mlflow.log_every_steps=1",

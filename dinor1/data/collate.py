@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from dinor1.config import IMAGENET_MEAN, IMAGENET_STD
 from dinor1.data.quality import DROP_RULES, count_kinds, encode_errors
 from dinor1.data.transforms import resized_hw
 
@@ -29,9 +30,6 @@ HOST_KEYS = frozenset({"image_ids", "num_skipped", "dropped_boxes", "skipped_by_
 # copied into the padded batch), so torch's one-time warning about wrapping them is noise here.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable",
                         category=UserWarning, module=r"dinor1\.data\.collate")
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DetectionCollateFn(NumpyBatchCollateFn):

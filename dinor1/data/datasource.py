@@ -27,8 +27,8 @@ from collections.abc import Iterator
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
-from data_pipelines.shard_format import IMAGE_EXTENSIONS, REFUSED_EXTENSIONS
 from dinor1.data.quality import skip_error
+from dinor1.data_pipelines.shard_format import IMAGE_EXTENSIONS, REFUSED_EXTENSIONS
 
 _CHUNK_ROWS = 64
 _IMAGE_EXT_ALIASES = {"jpeg": "jpg"}

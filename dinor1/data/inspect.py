@@ -11,10 +11,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from data_pipelines.annotations import clean_annotations
 from dinor1.data.datasource import iter_shard_rows
 from dinor1.data.pipeline import open_shard_set
 from dinor1.data.quality import skip_error
+from dinor1.data_pipelines.annotations import clean_annotations
 
 _PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
             (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]

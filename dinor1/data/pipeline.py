@@ -26,12 +26,12 @@ import ray
 import torch
 from ray.data import FileShuffleConfig
 
-from data_pipelines.shard_format import MANIFEST_NAME, SHARD_RE
 from dinor1.config import DataConfig
 from dinor1.data.batching import iter_row_batches, numpy_blocks
 from dinor1.data.collate import HOST_KEYS, DetectionCollateFn, normalize_pixels
 from dinor1.data.datasource import ShardDatasource
 from dinor1.data.transforms import DecodeSample
+from dinor1.data_pipelines.shard_format import MANIFEST_NAME, SHARD_RE
 from dinor1.errors import UserError
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_pipelines import converters
-from data_pipelines.shard_writer import format_report, write_shards
+from dinor1.data_pipelines import converters
+from dinor1.data_pipelines.shard_writer import format_report, write_shards
 from dinor1.errors import UserError
 
 SPLITS = ("train", "val", "support")
@@ -17,7 +17,7 @@ def synthesize(out: str, *, samples_per_shard: int = 500, workers: int = 1, shar
 
     Returns {split: shard folder} (or {split: annotation JSON} with ``shards=False``).
     """
-    from data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
+    from dinor1.data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
 
     try:
         config = SyntheticConfig(**knobs)
@@ -61,7 +61,7 @@ def convert(args) -> None:
                                           split=args.split or "train"), Path(args.out)))
     else:
         need("root")
-        from data_pipelines.converters.odinw import load_odinw_split
+        from dinor1.data_pipelines.converters.odinw import load_odinw_split
 
         for rel, ann, images in converters.find_odinw_datasets(args.root):
             jobs.append((load_odinw_split(args.root, rel, ann, images), Path(args.out) / rel))

@@ -21,10 +21,10 @@ the kinds (:data:`SKIP_KINDS`):
 ====================  ==========================================================================
 
 A kept sample's annotations are cleaned by
-:func:`data_pipelines.annotations.clean_annotations`; the boxes it drops are counted by rule
-(:data:`DROP_RULES`: ``unknown_category``, ``invalid_box`` (not 4 finite numbers, width or height
-<= 0, or not an annotation object), ``box_outside_image``). Boxes partly outside the image are
-clipped and kept, and counted apart as ``clipped``. Crowd boxes left out by
+:func:`dinor1.data_pipelines.annotations.clean_annotations`; the boxes it drops are counted by
+rule (:data:`DROP_RULES`: ``unknown_category``, ``invalid_box`` (not 4 finite numbers, width or
+height <= 0, or not an annotation object), ``box_outside_image``). Boxes partly outside the image
+are clipped and kept, and counted apart as ``clipped``. Crowd boxes left out by
 ``data.keep_crowd=false`` are a choice, not bad input, and are not counted.
 
 :class:`QualityCounter` keeps the totals of one rank and sums them over all ranks for logging::

@@ -15,8 +15,8 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
-from data_pipelines.annotations import clean_annotations
 from dinor1.data.quality import CLIPPED, DROP_RULES, drop_counts, skip_error
+from dinor1.data_pipelines.annotations import clean_annotations
 
 
 def resized_hw(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:

@@ -285,21 +285,26 @@ def write_artifacts(cfg: TrainConfig, result: ModeResult, gt: dict, out_dir: Pat
     result.files = files
 
 
+def eval_location(cfg: TrainConfig) -> str | list[str]:
+    """Where the evaluation shards are: ``eval.shards``, else ``data.val_shards``."""
+    location = cfg.eval.shards or cfg.data.val_shards
+    if location is None:
+        raise UserError("config key 'eval.shards' (or 'data.val_shards') is required")
+    return location
+
+
 def evaluate(cfg: TrainConfig, *, log_mlflow: bool = True) -> EvalOutcome:
-    """Run every prompt mode of ``cfg.eval`` and score it; see the module docstring."""
+    """Run every prompt mode of ``cfg.eval`` on one shard set and score it; see the module
+    docstring. A job with ``eval.scorer=odinw`` (a tree of shard sets) goes through
+    :func:`dinor1.eval.job.evaluate_job`, which is what ``dinor1 eval`` calls."""
     import ray
 
     from dinor1.data.pipeline import open_shard_set
 
-    location = cfg.eval.shards or cfg.data.val_shards
-    if location is None:
-        raise UserError("config key 'eval.shards' (or 'data.val_shards') is required")
+    location = eval_location(cfg)
     if cfg.eval.scorer == "odinw":
-        from dinor1.eval.odinw import evaluate_odinw
-
-        if cfg.eval.shards is None:
-            raise UserError("eval.scorer odinw needs eval.shards (the converted ODinW root)")
-        return evaluate_odinw(cfg, log_mlflow=log_mlflow)
+        raise UserError("eval.scorer odinw: evaluate the ODinW tree with "
+                        "dinor1.eval.job.evaluate_job (as `dinor1 eval` does)")
     shard_set = open_shard_set(location)
     categories = dataset_categories(shard_set.manifest)
     dataset_name = (shard_set.manifest or {}).get("dataset", "")

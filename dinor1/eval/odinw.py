@@ -47,9 +47,18 @@ def evaluate_odinw(cfg: TrainConfig, *, log_mlflow: bool = True):
     whose metrics hold the per-dataset APs and the ODinW means."""
     from dinor1.config import local_output_dir, resolve_paths
     from dinor1.data.quality import QualityCounter
-    from dinor1.eval.evaluate import EvalOutcome, evaluate, log_eval_run, resolve_checkpoint
+    from dinor1.eval.evaluate import (
+        EvalOutcome,
+        eval_location,
+        evaluate,
+        log_eval_run,
+        resolve_checkpoint,
+    )
     from dinor1.eval.scoring import odinw_summary
 
+    eval_location(cfg)  # the error a missing eval.shards / data.val_shards gives any job
+    if cfg.eval.shards is None:
+        raise UserError("eval.scorer odinw needs eval.shards (the converted ODinW root)")
     datasets = find_odinw_shard_sets(cfg.eval.shards)
     storage, name, uri = resolve_paths(cfg)
     out_dir = Path(cfg.eval.out_dir or local_output_dir(storage, name, "eval"))

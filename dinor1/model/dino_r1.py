@@ -1,5 +1,5 @@
 """DINO-R1: Grounding DINO from `transformers` plus a visual prompt encoder, visual-guided query
-selection, prompt classification heads and contrastive denoising (METHOD.md section 1).
+selection, prompt classification heads and contrastive denoising (docs/method.md section 1).
 
 The backbone, input projections, feature enhancer, decoder layers, box heads and the text path
 are `transformers`' own (``GroundingDinoForObjectDetection``, held as ``self.gdino`` so its
@@ -22,9 +22,9 @@ from transformers.models.grounding_dino.modeling_grounding_dino import (
     generate_masks_with_special_tokens_and_transfer_map,
 )
 
-from dinor1.model.classifier import PromptClassifier, select_queries_by_prompts
 from dinor1.model.outputs import DinoR1Output, ImageFeatures, PromptInputs, ReferenceOutput
 from dinor1.model.presets import PRESETS, preset_config
+from dinor1.model.query_selection import PromptClassifier, select_queries_by_prompts
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipelines.converters import load_coco
-from data_pipelines.shard_writer import write_shards
 from dinor1.config import DataConfig
 from dinor1.data.collate import DetectionCollateFn, split_targets
 from dinor1.data.pipeline import detection_dataset, iter_detection_batches, open_shard_set
+from dinor1.data_pipelines.converters import load_coco
+from dinor1.data_pipelines.shard_writer import write_shards
 from dinor1.errors import UserError
 from tests.helpers import make_coco, write_image, write_tar
 

@@ -9,11 +9,11 @@ inspect) is the production code path.
 import pyarrow.fs as pafs
 import pytest
 
-from data_pipelines.converters import load_coco
-from data_pipelines.shard_writer import write_shards
 from dinor1.config import DataConfig
 from dinor1.data.inspect import inspect_shards
 from dinor1.data.pipeline import detection_dataset, iter_detection_batches, open_shard_set
+from dinor1.data_pipelines.converters import load_coco
+from dinor1.data_pipelines.shard_writer import write_shards
 from tests.helpers import make_coco
 
 

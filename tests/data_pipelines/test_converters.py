@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from pycocotools.coco import COCO
 
-import data_pipelines.shard_writer as shard_writer
-from data_pipelines.converters import find_odinw_datasets, load_coco, load_lvis, load_odvg
-from data_pipelines.converters.odinw import load_odinw_split
-from data_pipelines.shard_format import sha256_file
-from data_pipelines.shard_writer import write_shards
+import dinor1.data_pipelines.shard_writer as shard_writer
+from dinor1.data_pipelines.converters import find_odinw_datasets, load_coco, load_lvis, load_odvg
+from dinor1.data_pipelines.converters.odinw import load_odinw_split
+from dinor1.data_pipelines.shard_format import sha256_file
+from dinor1.data_pipelines.shard_writer import write_shards
 from tests.helpers import make_coco, read_shard_samples, write_image
 
 

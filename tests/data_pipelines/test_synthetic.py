@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from data_pipelines.synthetic import (
+from dinor1.data_pipelines.synthetic import (
     MIN_PIXELS,
     SyntheticConfig,
     category_table,

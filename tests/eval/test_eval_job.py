@@ -11,11 +11,11 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from data_pipelines.converters import load_coco
-from data_pipelines.shard_writer import write_shards
-from data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
 from dinor1.cli import main
 from dinor1.config import load_train_config
+from dinor1.data_pipelines.converters import load_coco
+from dinor1.data_pipelines.shard_writer import write_shards
+from dinor1.data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
 from dinor1.eval.inference import ground_truth_of
 from tests.helpers import write_tar
 

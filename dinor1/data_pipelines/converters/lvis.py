@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from data_pipelines.converters.coco import coco_records, read_json
-from data_pipelines.shard_writer import ConversionSource
+from dinor1.data_pipelines.converters.coco import coco_records, read_json
+from dinor1.data_pipelines.shard_writer import ConversionSource
 
 LVIS_IMAGE_FIELDS = ("neg_category_ids", "not_exhaustive_category_ids")
 

@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from data_pipelines.shard_writer import ConversionSource, SourceRecord
+from dinor1.data_pipelines.shard_writer import ConversionSource, SourceRecord
 
 
 def read_json(path: str | Path) -> dict:

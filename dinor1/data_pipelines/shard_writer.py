@@ -33,8 +33,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from data_pipelines.annotations import clean_annotations
-from data_pipelines.shard_format import (
+from dinor1.data_pipelines.annotations import clean_annotations
+from dinor1.data_pipelines.shard_format import (
     CONVERTER_VERSION,
     MANIFEST_NAME,
     SHARD_PATTERN,
@@ -167,6 +167,123 @@ def _reusable(entry: dict | None, fingerprint: str, path: Path) -> bool:
     return path.stat().st_size == entry.get("bytes") and sha256_file(path) == entry.get("sha256")
 
 
+# A planned shard: (its name, its records, its plan's fingerprint).
+_PendingShard = tuple[str, list[SourceRecord], str]
+
+
+def _remove_stale_files(out: Path, names: list[str]) -> None:
+    """Delete leftovers of an interrupted or larger earlier run: hidden temporary shard files and
+    shards beyond the current plan."""
+    for stale in out.iterdir():
+        hidden_tmp = stale.name.startswith(".shard-") and ".tmp-" in stale.name
+        if hidden_tmp or (SHARD_RE.match(stale.name) and stale.name not in names):
+            stale.unlink()
+
+
+class _ManifestWriter:
+    """The manifest of one :func:`write_shards` call: a fixed header from the source plus one
+    entry per finished shard, rewritten atomically after every shard."""
+
+    def __init__(self, source: ConversionSource, out: Path, names: list[str]):
+        self.source = source
+        self.out = out
+        self.names = names
+        self.entries: dict[str, dict] = {}
+        self.manifest = {
+            "format": "dinor1-webdataset",
+            "converter_version": CONVERTER_VERSION,
+            "dataset": source.dataset,
+            "split": source.split,
+            "categories": {str(c["id"]): c["name"] for c in source.categories},
+            "category_attributes": {
+                str(c["id"]): {k: v for k, v in c.items() if k not in ("id", "name")}
+                for c in source.categories
+            },
+            "source_paths": [str(p) for p in source.source_paths],
+            **source.manifest_extra,
+        }
+
+    def save(self, complete: bool) -> dict:
+        shards = [self.entries[n] for n in self.names if n in self.entries]
+        skipped = Counter(self.source.stats)
+        for entry in shards:
+            skipped.update(entry.get("skipped", {}))
+        self.manifest.update(
+            complete=complete,
+            num_samples=sum(e["num_samples"] for e in shards),
+            num_source_images=(
+                len(self.source.records) + self.source.stats.get("duplicate_image_id", 0)
+            ),
+            shards=shards,
+            skipped=dict(sorted(skipped.items())),
+            updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
+        write_json_atomic(self.out / MANIFEST_NAME, self.manifest)
+        return self.manifest
+
+    def finish(self, name: str, fp: str, written: int, stats: Counter) -> None:
+        """Record a shard just written (its size and checksum) and save the manifest."""
+        path = self.out / name
+        self.entries[name] = {
+            "name": name,
+            "num_samples": written,
+            "bytes": path.stat().st_size,
+            "sha256": sha256_file(path),
+            "fingerprint": fp,
+            "skipped": dict(stats),
+        }
+        self.save(complete=False)
+
+
+def _reuse_finished_shards(
+    previous: dict, planned: list[_PendingShard], manifest: _ManifestWriter
+) -> list[_PendingShard]:
+    """Put the shards that ``previous`` (the old manifest) already completed with the same plan
+    into ``manifest``; returns the others, still to write."""
+    old_entries = {e["name"]: e for e in previous.get("shards", [])}
+    todo = []
+    for name, chunk, fp in planned:
+        if _reusable(old_entries.get(name), fp, manifest.out / name):
+            manifest.entries[name] = old_entries[name]
+        else:
+            todo.append((name, chunk, fp))
+    return todo
+
+
+def _write_serially(
+    todo: list[_PendingShard],
+    category_ids: list[int],
+    out: Path,
+    manifest: _ManifestWriter,
+    bar: tqdm,
+) -> None:
+    """Write the shards one after another in this process."""
+    for name, chunk, fp in todo:
+        manifest.finish(name, fp, *write_one_shard(chunk, category_ids, str(out / name)))
+        bar.update(len(chunk))
+
+
+def _write_in_pool(
+    todo: list[_PendingShard],
+    category_ids: list[int],
+    out: Path,
+    num_workers: int,
+    manifest: _ManifestWriter,
+    bar: tqdm,
+) -> None:
+    """Write the shards in ``num_workers`` spawned processes, recording each as it finishes."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx) as pool:
+        futures = {}
+        for name, chunk, fp in todo:
+            future = pool.submit(write_one_shard, chunk, category_ids, str(out / name))
+            futures[future] = (name, fp, len(chunk))
+        for future in as_completed(futures):
+            name, fp, size = futures[future]
+            manifest.finish(name, fp, *future.result())
+            bar.update(size)
+
+
 def write_shards(
     source: ConversionSource,
     out_dir: str | os.PathLike,
@@ -194,61 +311,9 @@ def write_shards(
     fingerprints = [_fingerprint(chunk, category_ids) for chunk in plan]
 
     previous = read_manifest(out) or {}
-    old_entries = {e["name"]: e for e in previous.get("shards", [])}
-    for stale in out.iterdir():  # leftovers of an interrupted or larger earlier run
-        hidden_tmp = stale.name.startswith(".shard-") and ".tmp-" in stale.name
-        if hidden_tmp or (SHARD_RE.match(stale.name) and stale.name not in names):
-            stale.unlink()
-
-    entries: dict[str, dict] = {}
-    todo = []
-    for name, chunk, fp in zip(names, plan, fingerprints):
-        if _reusable(old_entries.get(name), fp, out / name):
-            entries[name] = old_entries[name]
-        else:
-            todo.append((name, chunk, fp))
-
-    manifest = {
-        "format": "dinor1-webdataset",
-        "converter_version": CONVERTER_VERSION,
-        "dataset": source.dataset,
-        "split": source.split,
-        "categories": {str(c["id"]): c["name"] for c in source.categories},
-        "category_attributes": {
-            str(c["id"]): {k: v for k, v in c.items() if k not in ("id", "name")}
-            for c in source.categories
-        },
-        "source_paths": [str(p) for p in source.source_paths],
-        **source.manifest_extra,
-    }
-
-    def save(complete: bool) -> dict:
-        shards = [entries[n] for n in names if n in entries]
-        skipped = Counter(source.stats)
-        for entry in shards:
-            skipped.update(entry.get("skipped", {}))
-        manifest.update(
-            complete=complete,
-            num_samples=sum(e["num_samples"] for e in shards),
-            num_source_images=len(source.records) + source.stats.get("duplicate_image_id", 0),
-            shards=shards,
-            skipped=dict(sorted(skipped.items())),
-            updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        )
-        write_json_atomic(out / MANIFEST_NAME, manifest)
-        return manifest
-
-    def finish(name: str, fp: str, written: int, stats: Counter) -> None:
-        path = out / name
-        entries[name] = {
-            "name": name,
-            "num_samples": written,
-            "bytes": path.stat().st_size,
-            "sha256": sha256_file(path),
-            "fingerprint": fp,
-            "skipped": dict(stats),
-        }
-        save(complete=False)
+    _remove_stale_files(out, names)
+    manifest = _ManifestWriter(source, out, names)
+    todo = _reuse_finished_shards(previous, list(zip(names, plan, fingerprints)), manifest)
 
     bar = tqdm(
         total=sum(len(c) for _, c, _ in todo),
@@ -257,22 +322,11 @@ def write_shards(
         disable=not progress,
     )
     if num_workers <= 1 or len(todo) <= 1:
-        for name, chunk, fp in todo:
-            finish(name, fp, *write_one_shard(chunk, category_ids, str(out / name)))
-            bar.update(len(chunk))
+        _write_serially(todo, category_ids, out, manifest, bar)
     else:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx) as pool:
-            futures = {
-                pool.submit(write_one_shard, chunk, category_ids, str(out / name)): (name, fp, len(chunk))
-                for name, chunk, fp in todo
-            }
-            for future in as_completed(futures):
-                name, fp, size = futures[future]
-                finish(name, fp, *future.result())
-                bar.update(size)
+        _write_in_pool(todo, category_ids, out, num_workers, manifest, bar)
     bar.close()
-    return save(complete=True)
+    return manifest.save(complete=True)
 
 
 def format_report(manifest: dict) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_pipelines.converters.coco import load_coco
+from dinor1.data_pipelines.converters.coco import load_coco
 
 ANNOTATION_NAMES = ("_annotations.coco.json", "annotations.json")
 

@@ -20,7 +20,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from data_pipelines.shard_writer import ConversionSource, SourceRecord
+from dinor1.data_pipelines.shard_writer import ConversionSource, SourceRecord
 
 
 def _xywh(box) -> list[float] | None:

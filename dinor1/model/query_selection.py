@@ -1,4 +1,4 @@
-"""Prompt classification and visual-guided query selection (DINO-R1, METHOD.md section 1).
+"""Prompt classification and visual-guided query selection (DINO-R1, docs/method.md section 1).
 
 With visual prompts, a query's score for prompt ``u`` is a scaled dot product against the
 enhanced prompt embedding plus a learnable per-layer bias,

@@ -1,9 +1,0 @@
-"""Dataset -> shard converters. Each returns :class:`~data_pipelines.shard_writer.ConversionSource`
-objects that :func:`~data_pipelines.shard_writer.write_shards` writes."""
-
-from data_pipelines.converters.coco import load_coco, load_objects365
-from data_pipelines.converters.lvis import load_lvis
-from data_pipelines.converters.odinw import find_odinw_datasets
-from data_pipelines.converters.odvg import load_odvg
-
-__all__ = ["find_odinw_datasets", "load_coco", "load_lvis", "load_objects365", "load_odvg"]
