@@ -14,8 +14,18 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dinor1.data.collate import IMAGENET_MEAN, IMAGENET_STD
 from dinor1.errors import UserError
+from dinor1.objectives.settings import (
+    GRQOSettings,
+    LossSettings,
+    ObjectiveSettings,
+    from_section,
+)
+
+# ImageNet normalisation: the default of data.pixel_mean / data.pixel_std and of
+# dinor1.data.collate (defined here so that config does not import the data package).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class StrictModel(BaseModel):
@@ -89,41 +99,54 @@ class ModelConfig(StrictModel):
 
 
 class PromptsConfig(StrictModel):
-    exemplars_per_class: int = Field(1, gt=0)
+    exemplars_per_class: int = Field(ObjectiveSettings.exemplars_per_class, gt=0)
 
 
 class ObjectivesConfig(StrictModel):
-    class_weight: float = Field(1.0, ge=0)
-    bbox_weight: float = Field(5.0, ge=0)
-    giou_weight: float = Field(2.0, ge=0)
-    denoising: bool = True
-    encoder_loss: bool = True
+    """The training objective's weights and switches. Their defaults are written once, in
+    :class:`~dinor1.objectives.settings.LossSettings` (importable without pydantic)."""
+
+    # the detection loss of every prediction set: focal, L1 and 1 - GIoU terms
+    class_weight: float = Field(LossSettings.class_weight, ge=0)
+    bbox_weight: float = Field(LossSettings.bbox_weight, ge=0)
+    giou_weight: float = Field(LossSettings.giou_weight, ge=0)
+    # the Hungarian matching cost (GRQO's reward is its negative): focal, L1 and -GIoU terms
+    match_class_weight: float = Field(LossSettings.match_class_weight, ge=0)
+    match_bbox_weight: float = Field(LossSettings.match_bbox_weight, ge=0)
+    match_giou_weight: float = Field(LossSettings.match_giou_weight, ge=0)
+    # focal loss and focal matching cost: the positives' weight (1 - it for the negatives) and
+    # the focusing exponent
+    focal_alpha: float = Field(LossSettings.focal_alpha, ge=0, le=1)
+    focal_gamma: float = Field(LossSettings.focal_gamma, ge=0)
+    denoising: bool = LossSettings.denoising  # the CDN queries' loss
+    encoder_loss: bool = LossSettings.encoder_loss  # the encoder proposals' detection loss
     # the visual-text contrastive loss (class names from the train shards' manifest through the
     # frozen text encoder): "auto" = on when model.init is a pretrained checkpoint (its text
     # encoder means something) and the shards name their classes; true also for a preset
     contrastive: bool | Literal["auto"] = "auto"
-    contrastive_weight: float = Field(100.0, ge=0)  # the release's
+    contrastive_weight: float = Field(LossSettings.contrastive_weight, ge=0)  # the release's
 
 
 class GRQOConfig(StrictModel):
-    form: Literal["release", "policy_gradient"] = "release"
-    alpha: float = Field(0.01, ge=0)  # the advantage term's weight (both forms)
+    """GRQO's form, weights and query mute (stage ``grqo``). Their defaults are written once,
+    in :class:`~dinor1.objectives.settings.GRQOSettings`."""
+
+    form: Literal["release", "policy_gradient"] = GRQOSettings.form
+    alpha: float = Field(GRQOSettings.alpha, ge=0)  # the advantage term's weight (both forms)
     # policy_gradient form: the log-probability is log sigmoid of the query's best prompt logit
     # at each decoder layer ("decoder") or of its encoder objectness ("objectness": what the KL
     # term keeps near the reference)
-    pg_score: Literal["decoder", "objectness"] = "decoder"
-    beta: float = Field(0.04, ge=0)
+    pg_score: Literal["decoder", "objectness"] = GRQOSettings.pg_score
+    beta: float = Field(GRQOSettings.beta, ge=0)  # the KL term's weight
     # the last queries of each image's group (in top-K order) get advantage 0: a fraction of the
     # model's queries (the release mutes 300 of 900), or an absolute count that replaces it
-    mute_fraction: float = Field(1 / 3, ge=0, lt=1)
-    num_mute: int | None = Field(None, ge=0)
+    mute_fraction: float = Field(GRQOSettings.mute_fraction, ge=0, lt=1)
+    num_mute: int | None = Field(GRQOSettings.num_mute, ge=0)
     ref_refresh: str = Field("epoch", pattern=r"^(epoch|never|steps:[1-9][0-9]*)$")
 
     def muted_queries(self, num_queries: int) -> int:
         """How many of ``num_queries`` queries per group are muted."""
-        if self.num_mute is not None:
-            return self.num_mute
-        return round(self.mute_fraction * num_queries)
+        return from_section(GRQOSettings, self).muted_queries(num_queries)
 
     def check_advantage(self, num_queries: int) -> None:
         """Refuse (ValueError naming the key) a setting whose advantage term is identically 0,

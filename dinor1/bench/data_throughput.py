@@ -44,9 +44,9 @@ import torch
 def synthetic_jpeg_shards(work: Path, num_images: int, image_size: int, samples_per_shard: int,
                           num_workers: int) -> str:
     """Shards of ``num_images`` synthetic square JPEGs under ``work``; returns the shard folder."""
-    from data_pipelines.converters import load_coco
-    from data_pipelines.shard_writer import write_shards
-    from data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
+    from dinor1.data_pipelines.converters import load_coco
+    from dinor1.data_pipelines.shard_writer import write_shards
+    from dinor1.data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
 
     config = SyntheticConfig(image_size=image_size, num_train=num_images, num_val=1,
                              num_support=1, image_format="jpg")
@@ -151,6 +151,9 @@ def _ray_epoch(ds, cfg, normalize: bool) -> tuple[int, float, float]:
     return n, time.perf_counter() - t0, first or 0.0
 
 
+_FORMS = {"uint8": False, "float": True}  # batch form -> normalised in the collate
+
+
 def run_data_benchmark(
     *,
     shards: str | None = None,
@@ -161,11 +164,13 @@ def run_data_benchmark(
     repeats: int = 2,
     work_dir: str | None = None,
 ) -> dict:
-    import numpy as np
+    """Measures both sides (module docstring) on ``shards``, or on ``num_images`` synthetic
+    ``image_size`` JPEGs written under ``work_dir`` (default: a new temporary folder); prints the
+    figures and returns them."""
     import ray
 
     from dinor1.config import DataConfig
-    from dinor1.data.pipeline import detection_dataset, open_shard_set
+    from dinor1.data.pipeline import open_shard_set
 
     num_cpus = num_cpus or os.cpu_count() or 1
     if shards is None:
@@ -177,40 +182,68 @@ def run_data_benchmark(
     cfg = DataConfig(batch_size=batch_size, train_short_sides=[side], train_max_size=1333,
                      local_shuffle_buffer=0, prefetch_batches=4)
 
-    forms = {"uint8": False, "float": True}  # form -> normalised in the collate
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    single_cpu: dict[str, float] = {}  # of the uint8 epochs
     try:
-        single = {form: max(n / t for n, t in (
-            _single_process_epoch(shard_set, cfg, norm, single_cpu if not norm else None)
-            for _ in range(repeats))) for form, norm in forms.items()}
+        single, single_cpu = _single_process_rates(shard_set, cfg, repeats)
         from dinor1.local_cluster import loopback_only_ray
 
         loopback_only_ray()  # a Ray of its own (num_cpus), on 127.0.0.1 only
         ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
                  log_to_driver=False)
         try:
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            ds = detection_dataset(shard_set, cfg, train=True)
-            _ray_epoch(ds, cfg, True)  # warm-up: worker start and imports
-            pipeline, ray_cpu = {}, {}
-            for form, norm in forms.items():
-                before = ray_node_cpu_seconds()
-                pipeline[form] = [_ray_epoch(ds, cfg, norm) for _ in range(repeats)]
-                after = ray_node_cpu_seconds()
-                ray_cpu[form] = {k: after[k] - before[k] for k in after}
+            pipeline, ray_cpu = _pipeline_epochs(shard_set, cfg, repeats)
         finally:
             ray.shutdown()
     finally:
         torch.set_num_threads(threads)
+    result = _throughput_report(shard_set, cfg, single, pipeline, num_cpus, image_size, repeats)
+    _cpu_report(result, single_cpu, ray_cpu["uint8"], pipeline["uint8"], repeats)
+    return result
+
+
+def _single_process_rates(shard_set, cfg, repeats: int) -> tuple[dict, dict[str, float]]:
+    """({form: best samples/s of ``repeats`` single-process epochs}, CPU seconds of the uint8
+    epochs by stage: see `_single_process_epoch`)."""
+    single_cpu: dict[str, float] = {}  # of the uint8 epochs
+    single = {form: max(n / t for n, t in (
+        _single_process_epoch(shard_set, cfg, norm, single_cpu if not norm else None)
+        for _ in range(repeats))) for form, norm in _FORMS.items()}
+    return single, single_cpu
+
+
+def _pipeline_epochs(shard_set, cfg, repeats: int) -> tuple[dict, dict]:
+    """On the running Ray: one warm-up epoch (worker start and imports), then per form
+    ({form: [(samples, seconds, first-batch seconds)] of ``repeats`` epochs}, {form: the Ray
+    node's CPU seconds over them by process group: see `ray_node_cpu_seconds`})."""
+    import ray
+
+    from dinor1.data.pipeline import detection_dataset
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = detection_dataset(shard_set, cfg, train=True)
+    _ray_epoch(ds, cfg, True)  # warm-up: worker start and imports
+    pipeline, ray_cpu = {}, {}
+    for form, norm in _FORMS.items():
+        before = ray_node_cpu_seconds()
+        pipeline[form] = [_ray_epoch(ds, cfg, norm) for _ in range(repeats)]
+        after = ray_node_cpu_seconds()
+        ray_cpu[form] = {k: after[k] - before[k] for k in after}
+    return pipeline, ray_cpu
+
+
+def _throughput_report(shard_set, cfg, single: dict, pipeline: dict, num_cpus: int,
+                       image_size: int, repeats: int) -> dict:
+    """Prints the samples/s of both sides per form and returns them (the result's start)."""
+    import numpy as np
+
     cores = min(num_cpus, len(shard_set.paths))
     samples = pipeline["uint8"][0][0]
     result = {"samples": samples, "image_size": image_size, "cores": cores}
     print(f"data throughput ({samples} samples, {image_size}px jpg, {len(shard_set.paths)} "
-          f"shards, batch {batch_size}, {cfg.block_megabytes:g} MiB blocks, best of {repeats}; "
-          "1 torch thread):")
-    for form in forms:
+          f"shards, batch {cfg.batch_size}, {cfg.block_megabytes:g} MiB blocks, best of "
+          f"{repeats}; 1 torch thread):")
+    for form in _FORMS:
         pipe_sps = max(n / t for n, t, _ in pipeline[form])
         first = statistics.median(f for _, _, f in pipeline[form])
         result[form] = {"single_process_samples_per_s": single[form],
@@ -227,10 +260,18 @@ def run_data_benchmark(
         print(f"    speedup                      {r['speedup']:8.2f}x")
         print(f"    ratio per core used ({cores})   {r['ratio_per_core']:8.2f}   (target >= 0.9)")
         assert np.isfinite(r["ratio_per_core"])
-    measured = repeats * samples  # on each side, in the uint8 epochs
+    return result
+
+
+def _cpu_report(result: dict, single_cpu: dict[str, float], ray_cpu: dict[str, float],
+                epochs: list[tuple[int, float, float]], repeats: int) -> None:
+    """Adds the CPU milliseconds per sample of the uint8 epochs (``single_cpu``: single process;
+    ``ray_cpu`` and ``epochs``: the pipeline's) and the read+decode efficiency to ``result``,
+    and prints them."""
+    measured = repeats * result["samples"]  # on each side, in the uint8 epochs
     ms = {k: 1000 * v / measured for k, v in single_cpu.items()}
-    used = {k: 1000 * v / measured for k, v in ray_cpu["uint8"].items()}
-    wall = sum(t for _, t, _ in pipeline["uint8"])
+    used = {k: 1000 * v / measured for k, v in ray_cpu.items()}
+    wall = sum(t for _, t, _ in epochs)
     result["cpu_ms_per_sample"] = {"single_process": ms, "ray": used}
     result["read_decode_efficiency"] = ms["read_decode"] / used["task_workers"]
     print("  CPU per sample, uint8 batches (ms; psutil, all processes of the Ray node):")
@@ -239,7 +280,6 @@ def run_data_benchmark(
     print(f"    Ray Data pipeline            task workers (read+decode) {used['task_workers']:.3f}, "
           f"this process (iterator, executor, collate) {used['consumer']:.3f}, Ray daemons "
           f"{used['daemons']:.3f}, actors {used['actors']:.3f}; cores busy "
-          f"{sum(ray_cpu['uint8'].values()) / wall:.2f} of {os.cpu_count()}")
+          f"{sum(ray_cpu.values()) / wall:.2f} of {os.cpu_count()}")
     print(f"    read+decode efficiency       {result['read_decode_efficiency']:8.2f}   (single "
           "process / Ray task workers, CPU per sample)")
-    return result

@@ -1,6 +1,6 @@
 """Batched inference: a model + a prompt mode -> COCO-format detections per image.
 
-Prompt modes (METHOD.md section 1, "Inference"):
+Prompt modes (docs/method.md section 1, "Generic prompts for evaluation"):
 
 - ``generic``: one averaged visual prompt per class, built from a support split
   (:func:`~dinor1.model.prompts.build_generic_prompts`), the same for every image. Classes are

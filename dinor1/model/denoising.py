@@ -149,20 +149,42 @@ def build_denoising_queries(
     num_gts = [len(t["labels"]) for t in targets]
     if max(num_gts, default=0) == 0:
         return None
-    batch_size, device = len(targets), prompt_embeddings.device
+    device = prompt_embeddings.device
     where = draw_on(generator, device)
+    # random draws, in this order: the denoised subsets, label noise, box noise
     per_image_cap = max(1, num_dn_queries // 2)
     picked = [_denoised_subset(n, per_image_cap, generator, where, device) for n in num_gts]
     counts = [min(n, per_image_cap) for n in num_gts]
     max_gt = max(counts)
     if prompt_embeddings.dim() == 2:
-        prompt_embeddings = prompt_embeddings.expand(batch_size, -1, -1)
-    num_prompts, dim = prompt_embeddings.shape[1:]
+        prompt_embeddings = prompt_embeddings.expand(len(targets), -1, -1)
     num_groups = max(1, num_dn_queries // (2 * max_gt))
-    num_dn = num_groups * 2 * max_gt
 
-    # Per image its denoised GTs padded to max_gt, then laid out [B, groups, pos/neg, max_gt]
-    # and flattened to [B, Nd]. Built by concatenation (no in-place slice writes).
+    labels, boxes, negative = _slot_layout(targets, picked, counts, num_groups, device)
+    valid = labels >= 0
+    if label_noise_ratio > 0:
+        labels = _noised_labels(labels, valid, prompt_mask, prompt_embeddings.shape[1],
+                                label_noise_ratio, generator, where)
+    if box_noise_scale > 0:
+        boxes = _noised_boxes(boxes, negative, box_noise_scale, generator, where)
+
+    reference_logits = torch.where(valid.unsqueeze(-1), inverse_sigmoid(boxes), 0.0)
+    content = _slot_content(prompt_embeddings, labels, valid)
+    meta = _denoising_meta(picked, counts, num_gts, num_groups, device)
+    attn_mask = _cdn_attention_mask(meta.num_dn, num_queries, 2 * max_gt, device)
+    return DenoisingQueries(content, reference_logits, labels, attn_mask, meta)
+
+
+def _slot_layout(targets: list[dict[str, torch.Tensor]], picked: list[torch.Tensor | None],
+                 counts: list[int], num_groups: int, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(labels [B, Nd], boxes [B, Nd, 4] float32 cxcywh, negative [B, Nd] bool) before noise.
+
+    Per image its denoised GTs (``picked``, or all of them) padded to ``max(counts)`` (label -1,
+    box 0), then laid out [B, groups, pos/neg, max_gt] and flattened to [B, Nd]. Built by
+    concatenation (no in-place slice writes).
+    """
+    batch_size, max_gt = len(targets), max(counts)
     label_rows, box_rows = [], []
     for t, index, count in zip(targets, picked, counts):
         labels_b = t["labels"].to(device)
@@ -174,38 +196,59 @@ def build_denoising_queries(
     shape = (batch_size, num_groups, 2, max_gt)
     labels = torch.stack(label_rows)[:, None, None].expand(shape).reshape(batch_size, -1)
     boxes = torch.stack(box_rows)[:, None, None].expand(shape + (4,)).reshape(batch_size, -1, 4)
-    valid = labels >= 0
     negative = (torch.arange(2, device=device) == 1)[None, None, :, None].expand(shape)
-    negative = negative.reshape(batch_size, -1)
+    return labels, boxes, negative.reshape(batch_size, -1)
 
-    if label_noise_ratio > 0:
-        if prompt_mask is None:
-            prompt_mask = torch.ones(num_prompts, dtype=torch.bool, device=device)
-        prompt_mask = prompt_mask.to(device).expand(batch_size, num_prompts)
-        # Stable sort puts each image's valid prompt indices first, so a uniform draw in
-        # [0, num_valid) picks uniformly among them.
-        valid_first = torch.argsort((~prompt_mask).int(), dim=1, stable=True)
-        num_valid = prompt_mask.sum(dim=1, keepdim=True)
-        flip = torch.rand(labels.shape, generator=generator, device=where).to(device)
-        pick = torch.rand(labels.shape, generator=generator, device=where).to(device)
-        pick = (pick * num_valid).long().clamp(max=num_prompts - 1)
-        noised = valid_first.gather(1, pick)
-        replace = (flip < label_noise_ratio * 0.5) & valid & (num_valid > 0)
-        labels = torch.where(replace, noised, labels)
 
-    if box_noise_scale > 0:
-        half_size = boxes[..., 2:].repeat(1, 1, 2) / 2
-        sign = torch.randint(0, 2, boxes.shape, generator=generator, device=where).to(device)
-        magnitude = torch.rand(boxes.shape, generator=generator, device=where).to(device)
-        magnitude = magnitude + negative.unsqueeze(-1).float()
-        jitter = (sign * 2.0 - 1.0) * magnitude * half_size * box_noise_scale
-        boxes = _xyxy_to_cxcywh((_cxcywh_to_xyxy(boxes) + jitter).clamp(min=0.0, max=1.0))
+def _noised_labels(labels: torch.Tensor, valid: torch.Tensor, prompt_mask: torch.Tensor | None,
+                   num_prompts: int, ratio: float, generator: torch.Generator | None,
+                   where: torch.device) -> torch.Tensor:
+    """``labels`` [B, Nd] with each valid slot, with probability ``ratio * 0.5``, replaced by a
+    prompt drawn uniformly among the image's valid ones (``prompt_mask``; None = all)."""
+    batch_size, device = labels.shape[0], labels.device
+    if prompt_mask is None:
+        prompt_mask = torch.ones(num_prompts, dtype=torch.bool, device=device)
+    prompt_mask = prompt_mask.to(device).expand(batch_size, num_prompts)
+    # Stable sort puts each image's valid prompt indices first, so a uniform draw in
+    # [0, num_valid) picks uniformly among them.
+    valid_first = torch.argsort((~prompt_mask).int(), dim=1, stable=True)
+    num_valid = prompt_mask.sum(dim=1, keepdim=True)
+    flip = torch.rand(labels.shape, generator=generator, device=where).to(device)
+    pick = torch.rand(labels.shape, generator=generator, device=where).to(device)
+    pick = (pick * num_valid).long().clamp(max=num_prompts - 1)
+    noised = valid_first.gather(1, pick)
+    replace = (flip < ratio * 0.5) & valid & (num_valid > 0)
+    return torch.where(replace, noised, labels)
 
-    reference_logits = torch.where(valid.unsqueeze(-1), inverse_sigmoid(boxes), 0.0)
+
+def _noised_boxes(boxes: torch.Tensor, negative: torch.Tensor, scale: float,
+                  generator: torch.Generator | None, where: torch.device) -> torch.Tensor:
+    """``boxes`` [B, Nd, 4] cxcywh with DINO's corner jitter: ``sign * magnitude * half-size *
+    scale`` on each xyxy coordinate, magnitude in [0, 1) for positives and [1, 2) for
+    ``negative`` slots, then clamped to [0, 1]."""
+    device = boxes.device
+    half_size = boxes[..., 2:].repeat(1, 1, 2) / 2
+    sign = torch.randint(0, 2, boxes.shape, generator=generator, device=where).to(device)
+    magnitude = torch.rand(boxes.shape, generator=generator, device=where).to(device)
+    magnitude = magnitude + negative.unsqueeze(-1).float()
+    jitter = (sign * 2.0 - 1.0) * magnitude * half_size * scale
+    return _xyxy_to_cxcywh((_cxcywh_to_xyxy(boxes) + jitter).clamp(min=0.0, max=1.0))
+
+
+def _slot_content(prompt_embeddings: torch.Tensor, labels: torch.Tensor,
+                  valid: torch.Tensor) -> torch.Tensor:
+    """[B, Nd, d]: the prompt embedding of each slot's label (a gather, so gradients reach the
+    prompts); zeros for pad slots."""
+    dim = prompt_embeddings.shape[2]
     gathered = prompt_embeddings.gather(1, labels.clamp(min=0).unsqueeze(-1).expand(-1, -1, dim))
-    content = torch.where(valid.unsqueeze(-1), gathered, torch.zeros_like(gathered))
-    attn_mask = _cdn_attention_mask(num_dn, num_queries, 2 * max_gt, device)
+    return torch.where(valid.unsqueeze(-1), gathered, torch.zeros_like(gathered))
 
+
+def _denoising_meta(picked: list[torch.Tensor | None], counts: list[int], num_gts: list[int],
+                    num_groups: int, device: torch.device) -> DenoisingMeta:
+    """The `DenoisingMeta` of the slot layout of `_slot_layout`: per image, its positive slots
+    paired with their GT indices, and its negative slots, group after group."""
+    max_gt = max(counts)
     group_start = torch.arange(num_groups, device=device).unsqueeze(1) * 2 * max_gt
     positive_pairs, negative_indices = [], []
     for index, count in zip(picked, counts):
@@ -213,10 +256,8 @@ def build_denoising_queries(
         gt_index = slot if index is None else index
         positive_pairs.append(((group_start + slot).flatten(), gt_index.repeat(num_groups)))
         negative_indices.append((group_start + max_gt + slot).flatten())
-
-    meta = DenoisingMeta(num_dn, num_groups, max_gt, positive_pairs, negative_indices,
-                         denoised_boxes=sum(counts), total_boxes=sum(num_gts))
-    return DenoisingQueries(content, reference_logits, labels, attn_mask, meta)
+    return DenoisingMeta(num_groups * 2 * max_gt, num_groups, max_gt, positive_pairs,
+                         negative_indices, denoised_boxes=sum(counts), total_boxes=sum(num_gts))
 
 
 def _denoised_subset(num_boxes: int, cap: int, generator: torch.Generator | None,

@@ -1,4 +1,4 @@
-"""The DINO-R1 visual prompt encoder (VPE), METHOD.md section 1.
+"""The DINO-R1 visual prompt encoder (VPE), docs/method.md section 1.
 
 METHOD: one layer turns each box prompt into a d-dim embedding that takes the place of a text
 token in Grounding DINO:

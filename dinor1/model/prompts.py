@@ -1,6 +1,6 @@
 """Which visual prompts a batch uses: training assembly and "generic" prompts for evaluation.
 
-Training (METHOD.md section 1): every ground-truth instance of the per-worker batch is encoded by
+Training (docs/method.md section 1): every ground-truth instance of the per-worker batch is encoded by
 the visual prompt encoder; for each category present in the batch, ``exemplars_per_class``
 random instances (from any image of the batch) are averaged into that category's prompt. Every
 image gets the same U prompts; a category absent from an image is a negative for it.

@@ -1,4 +1,4 @@
-"""Visual-text contrastive loss (METHOD.md section 2), used where class names exist.
+"""Visual-text contrastive loss (docs/method.md section 2), used where class names exist.
 
 For each class u of the batch, ``v_u`` is the mean prompt-encoder output over its instances and
 ``t_u`` the (frozen) text embedding of its name; ``logits = exp(tau) * cos(t_u, v_w)`` with a

@@ -1,4 +1,4 @@
-"""The detection (SFT) loss of one prediction set (METHOD.md section 2).
+"""The detection (SFT) loss of one prediction set (docs/method.md section 2).
 
 Sigmoid focal loss (alpha 0.25, gamma 2) over queries x valid prompts, with the matched GT's
 prompt as the positive; 5 x L1 and 2 x (1 - GIoU) over matched pairs. Each term is summed and
@@ -25,15 +25,15 @@ from dinor1.objectives.matcher import box_cxcywh_to_xyxy, generalized_box_iou
 
 
 def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, prompt_mask: torch.Tensor,
-                       alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+                       *, alpha: float, gamma: float) -> torch.Tensor:
     """Elementwise binary focal loss in fp32, zero on padded prompts and on -inf logits.
 
     Args:
         logits: [..., Q, U] prompt logits.
         targets: [..., Q, U] in {0, 1}.
         prompt_mask: [..., U] bool (e.g. [B, U]), True for real prompts.
-        alpha: weight of positives (1 - alpha for negatives).
-        gamma: focusing exponent.
+        alpha: weight of positives (1 - alpha for negatives; ``objectives.focal_alpha``).
+        gamma: focusing exponent (``objectives.focal_gamma``).
 
     Returns:
         [..., Q, U] fp32 loss, exactly 0 (with zero gradient) where masked.
@@ -54,8 +54,8 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, prompt_mask:
 def detection_loss(logits: torch.Tensor, boxes: torch.Tensor,
                    matches: Sequence[tuple[torch.Tensor, torch.Tensor]], gt_labels: torch.Tensor,
                    gt_boxes: torch.Tensor, prompt_mask: torch.Tensor, num_boxes: float, *,
-                   class_weight: float = 1.0, bbox_weight: float = 5.0, giou_weight: float = 2.0,
-                   alpha: float = 0.25, gamma: float = 2.0) -> dict[str, torch.Tensor]:
+                   class_weight: float, bbox_weight: float, giou_weight: float, alpha: float,
+                   gamma: float) -> dict[str, torch.Tensor]:
     """Focal + L1 + GIoU loss of one prediction set.
 
     Args:
@@ -71,6 +71,7 @@ def detection_loss(logits: torch.Tensor, boxes: torch.Tensor,
         giou_weight: weight of the 1 - GIoU term.
         alpha: focal alpha.
         gamma: focal gamma.
+            (The five weights: ``ObjectivesConfig.loss_weights()``.)
 
     Returns:
         ``loss_class``, ``loss_bbox``, ``loss_giou``: weighted fp32 scalars; the box terms are 0
@@ -85,7 +86,8 @@ def detection_loss(logits: torch.Tensor, boxes: torch.Tensor,
     # Unmatched queries keep all-zero target rows: every prompt is a negative for them.
     targets = torch.zeros_like(logits)
     targets[batch_idx, query_idx, gt_labels[batch_idx, gt_idx]] = 1.0
-    loss_class = sigmoid_focal_loss(logits, targets, prompt_mask, alpha, gamma).sum() / num_boxes
+    loss_class = sigmoid_focal_loss(logits, targets, prompt_mask, alpha=alpha,
+                                    gamma=gamma).sum() / num_boxes
     pred = boxes[batch_idx, query_idx]
     target = gt_boxes[batch_idx, gt_idx]
     loss_bbox = (pred - target).abs().sum() / num_boxes

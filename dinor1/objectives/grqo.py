@@ -1,4 +1,4 @@
-"""GRQO: Group Relative Query Optimization (METHOD.md section 3).
+"""GRQO: Group Relative Query Optimization (docs/method.md section 3).
 
 Each image's Q matching queries form a group. A query's reward is how well it aligns with its
 best ground truth, ``r_i = -min_j C_ij`` with C the Hungarian matching cost; advantages are the
@@ -105,9 +105,8 @@ def objectness_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, eps: fl
 
 
 def grqo_loss(cost: torch.Tensor, gt_mask: torch.Tensor, policy_objectness: torch.Tensor,
-              ref_objectness: torch.Tensor, *, form: str = "release", alpha: float = 0.01,
-              beta: float = 0.04, num_mute: int = 0,
-              scores: torch.Tensor | None = None
+              ref_objectness: torch.Tensor, *, form: str, alpha: float, beta: float,
+              num_mute: int, scores: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
     """The GRQO term, summed over decoder layers.
 
@@ -116,9 +115,9 @@ def grqo_loss(cost: torch.Tensor, gt_mask: torch.Tensor, policy_objectness: torc
         gt_mask: [B, G].
         policy_objectness: [B, Q] policy objectness logits at its selected tokens.
         ref_objectness: [B, Q] reference objectness logits at the POLICY's selected tokens.
-        form: ``"release"`` or ``"policy_gradient"``.
-        alpha, beta: advantage and KL weights.
-        num_mute: muted tail queries per group.
+        form: ``"release"`` or ``"policy_gradient"`` (config ``grqo.form``).
+        alpha, beta: advantage and KL weights (``grqo.alpha``, ``grqo.beta``).
+        num_mute: muted tail queries per group (``GRQOConfig.muted_queries``).
         scores: the policy-gradient form's query logits: [L, B, Q] per layer, or [B, Q] for
             every layer (e.g. the objectness).
 

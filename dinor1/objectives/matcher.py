@@ -1,6 +1,6 @@
 """Hungarian matching for DETR-style training, with the cost computed once for all layers.
 
-The matching cost between query i and ground truth j (METHOD.md section 2) is
+The matching cost between query i and ground truth j (docs/method.md section 2) is
 
     C_ij = 2 * focal_cost(p_i[label_j]) + 5 * |box_i - box_j|_1 + 2 * (-GIoU(box_i, box_j)),
 
@@ -74,9 +74,8 @@ def _neg_log_plus_eps(log_q: torch.Tensor) -> torch.Tensor:
 
 
 def matching_cost(logits: torch.Tensor, boxes: torch.Tensor, gt_labels: torch.Tensor,
-                  gt_boxes: torch.Tensor, *, class_weight: float = 2.0, bbox_weight: float = 5.0,
-                  giou_weight: float = 2.0, alpha: float = 0.25, gamma: float = 2.0
-                  ) -> torch.Tensor:
+                  gt_boxes: torch.Tensor, *, class_weight: float, bbox_weight: float,
+                  giou_weight: float, alpha: float, gamma: float) -> torch.Tensor:
     """Matching cost of every query against every ground truth, for all layers at once.
 
     The result stays in the autograd graph (GRQO differentiates through it); detach it before
@@ -94,6 +93,7 @@ def matching_cost(logits: torch.Tensor, boxes: torch.Tensor, gt_labels: torch.Te
         giou_weight: weight of the -GIoU cost.
         alpha: focal alpha.
         gamma: focal gamma.
+            (The five weights: ``ObjectivesConfig.matching_weights()``.)
 
     Returns:
         [L, B, Q, G] (or [B, Q, G]) fp32 cost; padded GT columns hold finite, meaningless values
@@ -128,9 +128,9 @@ def _focal_cost(logit: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor
 
 
 def paired_matching_cost(logits: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
-                         target_boxes: torch.Tensor, *, class_weight: float = 2.0,
-                         bbox_weight: float = 5.0, giou_weight: float = 2.0, alpha: float = 0.25,
-                         gamma: float = 2.0) -> torch.Tensor:
+                         target_boxes: torch.Tensor, *, class_weight: float,
+                         bbox_weight: float, giou_weight: float, alpha: float, gamma: float
+                         ) -> torch.Tensor:
     """The matching cost of each query against ONE ground truth of its own (fp32, in graph).
 
     Equal to ``matching_cost(...)[..., q, j_q]`` for a chosen ``j_q`` per query, without the
@@ -157,8 +157,9 @@ def paired_matching_cost(logits: torch.Tensor, boxes: torch.Tensor, labels: torc
 
 
 def best_match_cost(cost: torch.Tensor, gt_mask: torch.Tensor, logits: torch.Tensor,
-                    boxes: torch.Tensor, gt_labels: torch.Tensor, gt_boxes: torch.Tensor,
-                    **weights) -> torch.Tensor:
+                    boxes: torch.Tensor, gt_labels: torch.Tensor, gt_boxes: torch.Tensor, *,
+                    class_weight: float, bbox_weight: float, giou_weight: float, alpha: float,
+                    gamma: float) -> torch.Tensor:
     """``min_j C_qj`` over the valid ground truths, with the gradient of the full minimum.
 
     The argmin comes from ``cost`` (no graph needed); the value is recomputed in the graph for
@@ -170,7 +171,7 @@ def best_match_cost(cost: torch.Tensor, gt_mask: torch.Tensor, logits: torch.Ten
         gt_mask: [B, G] bool; images without any GT get an arbitrary finite value (mask it).
         logits, boxes: [L, B, Q, U], [L, B, Q, 4] the predictions ``cost`` was computed from.
         gt_labels, gt_boxes: [B, G], [B, G, 4].
-        **weights: ``class_weight`` ... ``gamma`` as for :func:`matching_cost`.
+        class_weight, bbox_weight, giou_weight, alpha, gamma: as :func:`matching_cost`.
 
     Returns:
         [L, B, Q] fp32.
@@ -178,7 +179,8 @@ def best_match_cost(cost: torch.Tensor, gt_mask: torch.Tensor, logits: torch.Ten
     best = cost.detach().masked_fill(~gt_mask[None, :, None, :], float("inf")).argmin(-1)
     image = torch.arange(gt_mask.shape[0], device=best.device)[None, :, None]
     return paired_matching_cost(logits, boxes, gt_labels[image, best], gt_boxes[image, best],
-                                **weights)
+                                class_weight=class_weight, bbox_weight=bbox_weight,
+                                giou_weight=giou_weight, alpha=alpha, gamma=gamma)
 
 
 def hungarian_match(cost: torch.Tensor,

@@ -1,4 +1,4 @@
-"""The frozen reference model of GRQO's KL term (METHOD.md section 3).
+"""The frozen reference model of GRQO's KL term (docs/method.md section 3).
 
 A copy of the policy with no gradients, in eval mode, refreshed from the policy at the start of
 every epoch (the release), every N steps, or never (config ``grqo.ref_refresh``). It runs only up
@@ -14,7 +14,6 @@ model built from the policy's config and loaded with a full state dict gathered 
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from dinor1.model.prompts import ExemplarLayout, encode_exemplars
+from dinor1.model.wrapped import full_state_dict, unwrap
 
 
 def parse_refresh(spec: str) -> tuple[str, int]:
@@ -32,25 +32,6 @@ def parse_refresh(spec: str) -> tuple[str, int]:
     if kind == "steps" and count.isdigit() and int(count) > 0:
         return "steps", int(count)
     raise ValueError(f"grqo.ref_refresh must be 'epoch', 'never' or 'steps:N', got {spec!r}")
-
-
-def unwrap(policy: nn.Module) -> nn.Module:
-    """The model inside a DeepSpeed engine and/or a training wrapper (or the model itself)."""
-    module = getattr(policy, "module", policy)
-    return getattr(module, "net", module)
-
-
-def full_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
-    """A complete CPU copy of the policy's weights, gathering ZeRO-3 partitions if needed."""
-    module = unwrap(policy)
-    params = list(module.parameters())
-    gather = contextlib.nullcontext()
-    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitioned parameters
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    with gather:
-        return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 def _drop_unused_weights(model: nn.Module) -> set[str]:

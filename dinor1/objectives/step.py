@@ -1,6 +1,6 @@
 """One training step's objective: detection (SFT) loss, optionally + GRQO, as named terms.
 
-Per batch (METHOD.md sections 1-3):
+Per batch (docs/method.md sections 1-3):
 
 1. image features; one prompt per category of the batch, from its exemplars (chosen on the host
    with the step's host generator; only they go through the prompt encoder);
@@ -24,49 +24,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dinor1.model.denoising import build_denoising_queries
-from dinor1.model.prompts import assemble_training_prompts, pad_instances
+from dinor1.model.denoising import DenoisingQueries, build_denoising_queries
+from dinor1.model.outputs import DinoR1Output
+from dinor1.model.prompts import TrainingPrompts, assemble_training_prompts, pad_instances
 from dinor1.model.randomness import StepGenerators, as_step_generators
+from dinor1.model.wrapped import unwrap
 from dinor1.objectives.contrastive import VisualTextContrastive, mean_instance_embeddings
 from dinor1.objectives.detection import detection_loss, num_boxes_across_workers
 from dinor1.objectives.grqo import grqo_loss
 from dinor1.objectives.matcher import best_match_cost, hungarian_match, matching_cost
-from dinor1.objectives.reference import ReferenceModel, unwrap
-
-
-@dataclass
-class ObjectiveSettings:
-    """Weights and switches of the training objective (defaults: METHOD.md)."""
-
-    class_weight: float = 1.0
-    bbox_weight: float = 5.0
-    giou_weight: float = 2.0
-    match_class_weight: float = 2.0
-    match_bbox_weight: float = 5.0
-    match_giou_weight: float = 2.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    exemplars_per_class: int = 1
-    denoising: bool = True
-    encoder_loss: bool = True
-    grqo_form: str = "release"
-    grqo_alpha: float = 0.01
-    grqo_beta: float = 0.04
-    grqo_pg_score: str = "decoder"  # policy_gradient form: "decoder" or "objectness"
-    grqo_mute_fraction: float = 1 / 3  # of the queries (the release: 300 of 900)
-    grqo_num_mute: int | None = None  # an absolute count instead of the fraction
-    contrastive_weight: float = 100.0  # the release's weight; used only with class names
-
-
-def muted_queries(settings: ObjectiveSettings, num_queries: int) -> int:
-    """GRQO's muted queries per group; refuses a count that mutes every query (the advantage
-    term would be identically 0 and GRQO would train the KL term alone)."""
-    muted = (settings.grqo_num_mute if settings.grqo_num_mute is not None
-             else round(settings.grqo_mute_fraction * num_queries))
-    if muted >= num_queries:
-        raise ValueError(f"GRQO mutes {muted} of {num_queries} queries: every advantage would "
-                         f"be 0")
-    return muted
+from dinor1.objectives.reference import ReferenceModel
+from dinor1.objectives.settings import ObjectiveSettings
+from dinor1.objectives.settings import objective_settings as objective_settings  # re-exported
 
 
 def pad_targets(labels: list[torch.Tensor], boxes: list[torch.Tensor]):
@@ -76,6 +45,24 @@ def pad_targets(labels: list[torch.Tensor], boxes: list[torch.Tensor]):
     if labels:  # the mask's row-major order is image by image, as the concatenation
         gt_labels[gt_mask] = torch.cat(labels).to(gt_mask.device)
     return gt_labels, gt_boxes, gt_mask
+
+
+@dataclass
+class _StepData:
+    """One batch after the forward pass: its inputs, prompts, padded targets, CDN queries and
+    the model's outputs."""
+
+    pixels: torch.Tensor
+    mask: torch.Tensor
+    counts: list[int]  # boxes per image
+    boxes: list[torch.Tensor]  # per image
+    labels: list[torch.Tensor]  # per image, category ids
+    prompts: TrainingPrompts
+    gt_labels: torch.Tensor  # [B, G] prompt indices (-1 padding)
+    gt_boxes: torch.Tensor  # [B, G, 4]
+    gt_mask: torch.Tensor  # [B, G]
+    dn: DenoisingQueries | None
+    out: DinoR1Output
 
 
 class TrainingObjective(nn.Module):
@@ -131,6 +118,8 @@ def training_losses(model, batch: dict[str, torch.Tensor], *, stage: str = "sft"
         model: a DinoR1 (or a DeepSpeed engine around one).
         batch: ``pixel_values``, ``pixel_mask``, ``boxes``, ``class_labels``, ``num_boxes``.
         stage: ``"sft"`` (detection loss) or ``"grqo"`` (detection loss + GRQO term).
+        settings: the objective's settings (:func:`objective_settings` builds them from a
+            config); None = the defaults, ``ObjectiveSettings()``.
         reference: the frozen reference (required for ``grqo``).
         generators: the step's randomness (:func:`~dinor1.model.randomness.step_generators`):
             its host generator picks the prompt exemplars, its device generator draws the CDN
@@ -147,7 +136,26 @@ def training_losses(model, batch: dict[str, torch.Tensor], *, stage: str = "sft"
     if stage == "grqo" and reference is None:
         raise ValueError("stage 'grqo' needs a reference model")
     s = settings or ObjectiveSettings()
-    net = unwrap(model)
+    with_contrastive = class_text is not None and contrastive is not None
+    step = _forward(unwrap(model), batch, s, generators, with_contrastive)
+    num_boxes = num_boxes_across_workers(step.gt_mask)
+    cost, terms = _matched_terms(step, s, num_boxes)
+    if step.dn is not None:
+        terms.update(_denoising_terms(step, s, num_boxes))
+    if with_contrastive:
+        terms["contrastive"] = _contrastive_term(step, s, class_text, contrastive)
+    logs: dict[str, torch.Tensor | float] = {}
+    if stage == "grqo":
+        terms["grqo"], logs = _grqo_term(step, s, reference, cost)
+    total = torch.stack([t.float() for t in terms.values()]).sum()
+    logs.update(_step_logs(step, terms, total))
+    return total, read_logs(logs)
+
+
+def _forward(net, batch: dict[str, torch.Tensor], s: ObjectiveSettings,
+             generators: StepGenerators | torch.Generator | None,
+             with_contrastive: bool) -> _StepData:
+    """Prompts from the batch's exemplars, padded targets, CDN queries and the forward pass."""
     pixels, mask = batch["pixel_values"], batch["pixel_mask"]
     gens = as_step_generators(generators, pixels.device)
     batch_size = pixels.shape[0]
@@ -157,7 +165,6 @@ def training_losses(model, batch: dict[str, torch.Tensor], *, stage: str = "sft"
     counts, host_labels = host[:batch_size].tolist(), host[batch_size:]
     boxes = list(batch["boxes"].split(counts))
     labels = list(batch["class_labels"].split(counts))
-    with_contrastive = class_text is not None and contrastive is not None
     features = net.image_features(pixels, mask)
     prompts = assemble_training_prompts(net, features, boxes, labels,
                                         exemplars_per_class=s.exemplars_per_class,
@@ -167,7 +174,7 @@ def training_losses(model, batch: dict[str, torch.Tensor], *, stage: str = "sft"
     embeddings = prompts.embeddings[None].expand(batch_size, -1, -1)
     gt_labels, gt_boxes, gt_mask = pad_targets(prompts.target_labels, boxes)
     dn = None
-    if s.denoising:
+    if s.objectives.denoising:
         targets = [{"labels": t, "boxes": b} for t, b in zip(prompts.target_labels, boxes)]
         dn = build_denoising_queries(targets, embeddings, net.config.num_queries,
                                      num_dn_queries=net.settings.num_dn_queries,
@@ -175,78 +182,103 @@ def training_losses(model, batch: dict[str, torch.Tensor], *, stage: str = "sft"
                                      box_noise_scale=net.settings.dn_box_noise,
                                      generator=gens.device if gens else None)
     out = net(pixels, mask, net.visual_prompts(embeddings), features=features, denoising=dn)
-    prompt_mask = out.prompt_mask
-    num_boxes = num_boxes_across_workers(gt_mask)
-    loss_kw = dict(class_weight=s.class_weight, bbox_weight=s.bbox_weight,
-                   giou_weight=s.giou_weight, alpha=s.focal_alpha, gamma=s.focal_gamma)
-    cost_kw = dict(class_weight=s.match_class_weight, bbox_weight=s.match_bbox_weight,
-                   giou_weight=s.match_giou_weight, alpha=s.focal_alpha, gamma=s.focal_gamma)
+    return _StepData(pixels, mask, counts, boxes, labels, prompts, gt_labels, gt_boxes, gt_mask,
+                     dn, out)
 
-    # [L, B, Q, G], out of the graph: its intermediates grow with the boxes of an image (GRQO's
-    # differentiable reward recomputes only each query's best pair, below)
+
+def _named(prefix: str, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}/{name}": value for name, value in parts.items()}
+
+
+def _matched_terms(step: _StepData, s: ObjectiveSettings, num_boxes: float
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(the decoder layers' [L, B, Q, G] matching cost, the detection terms of every decoder
+    layer and of the encoder proposals, each on its Hungarian matching)."""
+    out, gt_labels, gt_boxes, gt_mask = step.out, step.gt_labels, step.gt_boxes, step.gt_mask
+    loss_kw, cost_kw = s.objectives.loss_weights(), s.objectives.matching_weights()
+    # out of the graph: its intermediates grow with the boxes of an image (GRQO's
+    # differentiable reward recomputes only each query's best pair, in _grqo_term)
     with torch.no_grad():
         cost = matching_cost(out.logits, out.boxes, gt_labels, gt_boxes, **cost_kw)
     matches = hungarian_match(cost.detach(), gt_mask)
     terms: dict[str, torch.Tensor] = {}
-
-    def add(prefix: str, parts: dict[str, torch.Tensor]) -> None:
-        for name, value in parts.items():
-            terms[f"{prefix}/{name}"] = value
-
     for layer in range(out.logits.shape[0]):
-        add(f"dec{layer}", detection_loss(out.logits[layer], out.boxes[layer], matches[layer],
-                                          gt_labels, gt_boxes, prompt_mask, num_boxes,
-                                          **loss_kw))
-    if s.encoder_loss:
+        terms.update(_named(f"dec{layer}", detection_loss(
+            out.logits[layer], out.boxes[layer], matches[layer], gt_labels, gt_boxes,
+            out.prompt_mask, num_boxes, **loss_kw)))
+    if s.objectives.encoder_loss:
         with torch.no_grad():
             enc_cost = matching_cost(out.encoder_logits, out.encoder_boxes, gt_labels, gt_boxes,
                                      **cost_kw)
-        add("enc", detection_loss(out.encoder_logits, out.encoder_boxes,
-                                  hungarian_match(enc_cost.detach(), gt_mask), gt_labels,
-                                  gt_boxes, prompt_mask, num_boxes, **loss_kw))
-    if dn is not None:
-        dn_matches = dn.meta.positive_pairs
-        # normalised by the dn positives: every group's, of the boxes that were denoised
-        dn_norm = num_boxes * dn.meta.num_groups * dn.meta.denoised_fraction
-        for layer in range(out.dn_logits.shape[0]):
-            add(f"dn{layer}", detection_loss(out.dn_logits[layer], out.dn_boxes[layer],
-                                             dn_matches, gt_labels, gt_boxes, prompt_mask,
-                                             dn_norm, **loss_kw))
-    if with_contrastive:
-        categories = prompts.category_ids.tolist()
-        visual = mean_instance_embeddings(prompts.instance_embeddings, prompts.instance_mask,
-                                          labels, prompts.category_ids)
-        text = torch.stack([class_text[c] for c in categories]).to(visual)
-        terms["contrastive"] = s.contrastive_weight * contrastive(visual, text.detach())
-    logs: dict[str, torch.Tensor | float] = {}
-    if stage == "grqo":
-        ref = reference.objectness(pixels, mask, boxes, prompts.layout, out.selected_indices)
-        if s.grqo_pg_score not in ("decoder", "objectness"):
-            raise ValueError(f"grqo pg_score must be 'decoder' or 'objectness', got "
-                             f"{s.grqo_pg_score!r}")
-        scores = out.logits.max(-1).values if s.grqo_pg_score == "decoder" else out.objectness
-        # the reward -min_j C_qj, as a [L, B, Q, 1] cost against each query's best GT; in the
-        # graph for the release form (the same value and gradient as the full minimum)
-        with torch.set_grad_enabled(s.grqo_form == "release" and torch.is_grad_enabled()):
-            best = best_match_cost(cost, gt_mask, out.logits, out.boxes, gt_labels, gt_boxes,
-                                   **cost_kw)
-        grqo, logs = grqo_loss(best[..., None], gt_mask.any(-1, keepdim=True), out.objectness,
-                               ref, form=s.grqo_form, alpha=s.grqo_alpha, beta=s.grqo_beta,
-                               num_mute=muted_queries(s, out.logits.shape[2]),
-                               scores=scores)
-        terms["grqo"] = grqo
-    total = torch.stack([t.float() for t in terms.values()]).sum()
-    logs.update({f"loss/{k}": v for k, v in terms.items()})
-    logs["loss/total"] = total
-    logs["data/num_prompts"] = float(prompts.embeddings.shape[0])
-    logs["data/num_boxes"] = float(sum(counts))
+        terms.update(_named("enc", detection_loss(
+            out.encoder_logits, out.encoder_boxes, hungarian_match(enc_cost.detach(), gt_mask),
+            gt_labels, gt_boxes, out.prompt_mask, num_boxes, **loss_kw)))
+    return cost, terms
+
+
+def _denoising_terms(step: _StepData, s: ObjectiveSettings, num_boxes: float
+                     ) -> dict[str, torch.Tensor]:
+    """The detection terms of the CDN queries of every decoder layer, on their own pairs."""
+    out, dn = step.out, step.dn
+    # normalised by the dn positives: every group's, of the boxes that were denoised
+    dn_norm = num_boxes * dn.meta.num_groups * dn.meta.denoised_fraction
+    terms: dict[str, torch.Tensor] = {}
+    for layer in range(out.dn_logits.shape[0]):
+        terms.update(_named(f"dn{layer}", detection_loss(
+            out.dn_logits[layer], out.dn_boxes[layer], dn.meta.positive_pairs, step.gt_labels,
+            step.gt_boxes, out.prompt_mask, dn_norm, **s.objectives.loss_weights())))
+    return terms
+
+
+def _contrastive_term(step: _StepData, s: ObjectiveSettings,
+                      class_text: dict[int, torch.Tensor],
+                      contrastive: VisualTextContrastive) -> torch.Tensor:
+    """The weighted visual-text contrastive loss of the batch's categories."""
+    prompts = step.prompts
+    categories = prompts.category_ids.tolist()
+    visual = mean_instance_embeddings(prompts.instance_embeddings, prompts.instance_mask,
+                                      step.labels, prompts.category_ids)
+    text = torch.stack([class_text[c] for c in categories]).to(visual)
+    return s.objectives.contrastive_weight * contrastive(visual, text.detach())
+
+
+def _grqo_term(step: _StepData, s: ObjectiveSettings, reference: ReferenceModel,
+               cost: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+    """GRQO's term and diagnostics (:func:`grqo_loss`), its rewards from ``cost``."""
+    out, g = step.out, s.grqo
     num_queries = out.logits.shape[2]
+    muted = g.muted_queries(num_queries)
+    if muted >= num_queries:  # (objective_settings refuses it earlier, naming the key)
+        raise ValueError(f"GRQO mutes {muted} of {num_queries} queries: every advantage would "
+                         f"be 0")
+    if g.pg_score not in ("decoder", "objectness"):
+        raise ValueError(f"grqo pg_score must be 'decoder' or 'objectness', got {g.pg_score!r}")
+    ref = reference.objectness(step.pixels, step.mask, step.boxes, step.prompts.layout,
+                               out.selected_indices)
+    scores = out.logits.max(-1).values if g.pg_score == "decoder" else out.objectness
+    # the reward -min_j C_qj, as a [L, B, Q, 1] cost against each query's best GT; in the
+    # graph for the release form (the same value and gradient as the full minimum)
+    with torch.set_grad_enabled(g.form == "release" and torch.is_grad_enabled()):
+        best = best_match_cost(cost, step.gt_mask, out.logits, out.boxes, step.gt_labels,
+                               step.gt_boxes, **s.objectives.matching_weights())
+    return grqo_loss(best[..., None], step.gt_mask.any(-1, keepdim=True), out.objectness, ref,
+                     form=g.form, alpha=g.alpha, beta=g.beta, num_mute=muted, scores=scores)
+
+
+def _step_logs(step: _StepData, terms: dict[str, torch.Tensor], total: torch.Tensor
+               ) -> dict[str, torch.Tensor | float]:
+    """The named loss terms, the total and the batch's counts."""
+    logs: dict[str, torch.Tensor | float] = {f"loss/{k}": v for k, v in terms.items()}
+    logs["loss/total"] = total
+    logs["data/num_prompts"] = float(step.prompts.embeddings.shape[0])
+    logs["data/num_boxes"] = float(sum(step.counts))
+    num_queries = step.out.logits.shape[2]
     # boxes beyond the query count cannot all be matched (Hungarian matches min(Q, n_b))
-    logs["data/unmatched_boxes"] = float(sum(max(0, n - num_queries) for n in counts))
-    if dn is not None:
-        logs["dn/queries"] = float(dn.meta.num_dn)
-        logs["dn/denoised_fraction"] = dn.meta.denoised_fraction
-    return total, read_logs(logs)
+    logs["data/unmatched_boxes"] = float(sum(max(0, n - num_queries) for n in step.counts))
+    if step.dn is not None:
+        logs["dn/queries"] = float(step.dn.meta.num_dn)
+        logs["dn/denoised_fraction"] = step.dn.meta.denoised_fraction
+    return logs
 
 
 def read_logs(logs: dict[str, torch.Tensor | float]) -> dict[str, float]:

@@ -18,6 +18,7 @@ from dinor1.model.randomness import (
     step_generators,
     step_seed,
 )
+from dinor1.objectives.settings import LossSettings
 from dinor1.objectives.step import ObjectiveSettings, training_losses
 from tests.helpers import tiny_step_batch
 
@@ -60,8 +61,8 @@ def test_exemplars_draw_on_the_host_generator_and_cdn_on_the_device_one(device, 
     model = DinoR1(tiny_cpu()).train().to(device)
     gens = step_generators(11, device)
     host_before, device_before = _states(gens)
-    training_losses(model, _batch(device), settings=ObjectiveSettings(denoising=denoising),
-                    generators=gens)
+    settings = ObjectiveSettings(objectives=LossSettings(denoising=denoising))
+    training_losses(model, _batch(device), settings=settings, generators=gens)
     host_after, device_after = _states(gens)
     assert not torch.equal(host_before, host_after)  # exemplar choice
     assert torch.equal(device_before, device_after) != denoising  # CDN noise, when on

@@ -23,6 +23,7 @@ from dinor1.model.prompts import (
 )
 from dinor1.model.randomness import step_generators
 from dinor1.objectives.reference import ReferenceModel
+from dinor1.objectives.settings import GRQOSettings
 from dinor1.objectives.step import ObjectiveSettings, training_losses
 
 DENSE = 300
@@ -114,7 +115,7 @@ def _saved_bytes(model, batch, device, stage, reference) -> tuple[int, dict]:
     saved = SavedTensors(model)
     with saved.hooks():
         loss, logs = training_losses(model, batch, stage=stage, reference=reference,
-                                     settings=ObjectiveSettings(grqo_num_mute=10),
+                                     settings=ObjectiveSettings(grqo=GRQOSettings(num_mute=10)),
                                      generators=step_generators(0, device))
     loss.backward()
     return saved.total, logs

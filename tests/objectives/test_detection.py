@@ -17,6 +17,9 @@ GT_LABELS = torch.tensor([[0]])
 GT_BOXES = torch.tensor([[[0.5, 0.5, 0.2, 0.2]]])
 PROMPT_MASK = torch.tensor([[True, True, False]])  # prompt 2 is padding
 MATCH = [(torch.tensor([0]), torch.tensor([0]))]  # query 0 <-> GT 0
+# the weights the hand-worked numbers use (the release's, the config defaults)
+W = dict(class_weight=1.0, bbox_weight=5.0, giou_weight=2.0, alpha=0.25, gamma=2.0)
+FOCAL = dict(alpha=0.25, gamma=2.0)
 
 
 def _inputs(box, logits=None):
@@ -28,7 +31,8 @@ def _inputs(box, logits=None):
 
 
 def _loss(logits, boxes, num_boxes=1.0, matches=MATCH):
-    return detection_loss(logits, boxes, matches, GT_LABELS, GT_BOXES, PROMPT_MASK, num_boxes)
+    return detection_loss(logits, boxes, matches, GT_LABELS, GT_BOXES, PROMPT_MASK, num_boxes,
+                          **W)
 
 
 def test_perfect_prediction():
@@ -56,7 +60,8 @@ def test_weights_scale_terms():
     logits, boxes = _inputs([0.6, 0.5, 0.2, 0.2])
     base = _loss(logits, boxes)
     scaled = detection_loss(logits, boxes, MATCH, GT_LABELS, GT_BOXES, PROMPT_MASK, 1.0,
-                            class_weight=3.0, bbox_weight=1.0, giou_weight=0.0)
+                            **{**W, "class_weight": 3.0, "bbox_weight": 1.0,
+                               "giou_weight": 0.0})
     assert scaled["loss_class"].item() == pytest.approx(3 * base["loss_class"].item())
     assert scaled["loss_bbox"].item() == pytest.approx(base["loss_bbox"].item() / 5)
     assert scaled["loss_giou"].item() == 0.0
@@ -86,7 +91,7 @@ def test_padded_prompt_logit_is_ignored():
 def test_focal_elementwise_and_inf_on_valid_prompt():
     logits = torch.tensor([[[1.0, -INF, -INF]]], requires_grad=True)
     targets = torch.tensor([[[0.0, 0.0, 1.0]]])
-    loss = sigmoid_focal_loss(logits, targets, torch.tensor([[True, True, False]]))
+    loss = sigmoid_focal_loss(logits, targets, torch.tensor([[True, True, False]]), **FOCAL)
     # valid entry, target 0: (1 - alpha) p^2 (-log(1 - p)), p = sigmoid(1)
     p = 1 / (1 + math.exp(-1))
     assert loss[0, 0, 0].item() == pytest.approx(0.75 * p**2 * -math.log(1 - p), abs=1e-6)
@@ -126,6 +131,6 @@ def test_focal_of_confident_positive_is_not_rounded_to_zero():
     # sigmoid(17) rounds to 1.0 in fp32, which zeroed the focal factor (1 - p_t)^2 of a loss
     # of ~1.8e-23
     loss = sigmoid_focal_loss(torch.tensor([[[17.0]]]), torch.tensor([[[1.0]]]),
-                              torch.tensor([[True]]))
+                              torch.tensor([[True]]), **FOCAL)
     q = 1 / (1 + math.exp(17.0))  # 1 - p
     assert loss.item() == pytest.approx(0.25 * q**2 * math.log1p(q), rel=1e-5, abs=0)

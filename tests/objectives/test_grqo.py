@@ -85,9 +85,11 @@ def test_release_form_gradient_through_reward_and_weights():
     adv = grqo_advantages(torch.tensor([[-1.0, -2.0, -5.0], [0, 0, 0]]), 1,
                           torch.tensor([True, False]))
     assert loss.item() == pytest.approx(2 * (-0.01 * adv.mean().item()), abs=1e-7)
-    doubled, _ = grqo_loss(cost, GT_MASK, policy, ref, alpha=0.02, beta=0.0, num_mute=1)
+    doubled, _ = grqo_loss(cost, GT_MASK, policy, ref, form="release", alpha=0.02, beta=0.0,
+                           num_mute=1)
     assert doubled.item() == pytest.approx(2 * loss.item(), abs=1e-7)
-    kl_only, _ = grqo_loss(cost, GT_MASK, policy, ref, alpha=0.0, beta=0.04)
+    kl_only, _ = grqo_loss(cost, GT_MASK, policy, ref, form="release", alpha=0.0, beta=0.04,
+                           num_mute=0)
     kl = objectness_kl(policy, ref).mean().item()
     assert kl_only.item() == pytest.approx(2 * 0.04 * kl, abs=1e-7)  # added once per layer
     assert diag["grqo/muted_fraction"] == pytest.approx(1 / 3)
@@ -97,7 +99,8 @@ def test_release_form_gradient_through_reward_and_weights():
 def test_diagnostics_are_detached_tensors_by_hand():
     cost, policy, ref = _inputs()
     policy.requires_grad_(True)
-    _, diag = grqo_loss(cost, GT_MASK, policy, ref, num_mute=1)
+    _, diag = grqo_loss(cost, GT_MASK, policy, ref, form="release", alpha=0.01, beta=0.04,
+                        num_mute=1)
     static = {"grqo/muted_fraction", "grqo/layers"}  # known from shapes: plain floats
     for name, value in diag.items():
         if name in static:
@@ -114,7 +117,8 @@ def test_diagnostics_are_detached_tensors_by_hand():
     assert float(diag["grqo/advantage_min"]) == 0.0
     assert float(diag["grqo/advantage_abs_mean"]) == pytest.approx((7 / 3) / SQRT_VAR / 6)
     # no image with a GT: statistics over all images (all rewards 0)
-    _, empty = grqo_loss(cost, torch.zeros_like(GT_MASK), policy, ref)
+    _, empty = grqo_loss(cost, torch.zeros_like(GT_MASK), policy, ref, form="release",
+                         alpha=0.01, beta=0.04, num_mute=0)
     assert float(empty["grqo/reward_mean"]) == 0.0
     assert float(empty["grqo/images_without_gt"]) == 2.0
 
@@ -145,4 +149,4 @@ def test_policy_gradient_on_the_objectness_sums_every_layer_into_it():
     adv = grqo_advantages(rewards, 1, GT_MASK.any(-1))  # [L, B, Q]
     torch.testing.assert_close(objectness.grad, (-0.1 * adv * 0.5 / 6).sum(0))
     with pytest.raises(ValueError, match="form"):
-        grqo_loss(cost, GT_MASK, policy, ref, form="ppo")
+        grqo_loss(cost, GT_MASK, policy, ref, form="ppo", alpha=0.1, beta=0.0, num_mute=1)

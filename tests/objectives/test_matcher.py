@@ -15,6 +15,9 @@ from dinor1.objectives.matcher import (
 )
 
 INF = float("inf")
+# the weights the hand-worked numbers use (the release's, the config defaults)
+W = dict(class_weight=2.0, bbox_weight=5.0, giou_weight=2.0, alpha=0.25, gamma=2.0)
+LOSS_W = dict(class_weight=1.0, bbox_weight=5.0, giou_weight=2.0, alpha=0.25, gamma=2.0)
 
 
 def test_cxcywh_to_xyxy():
@@ -61,7 +64,7 @@ def _one_image():
 
 def test_matching_cost_by_hand():
     logits, boxes, gt_labels, gt_boxes = _one_image()
-    cost = matching_cost(logits, boxes, gt_labels, gt_boxes)
+    cost = matching_cost(logits, boxes, gt_labels, gt_boxes, **W)
     assert cost.shape == (1, 2, 2)
     # query 0: p = 0.5. pos = 0.25 * 0.5^2 * ln 2, neg = 0.75 * 0.5^2 * ln 2;
     # box identical -> L1 0, GIoU 1.  cost = 2 * (pos - neg) + 5 * 0 - 2 * 1
@@ -79,15 +82,15 @@ def test_matching_cost_layers_and_weights():
     logits, boxes, gt_labels, gt_boxes = _one_image()
     other_boxes = boxes.flip(1)
     stacked = torch.stack([logits, logits]).requires_grad_(True)
-    cost = matching_cost(stacked, torch.stack([boxes, other_boxes]), gt_labels, gt_boxes)
+    cost = matching_cost(stacked, torch.stack([boxes, other_boxes]), gt_labels, gt_boxes, **W)
     assert cost.shape == (2, 1, 2, 2)
-    assert torch.allclose(cost[0], matching_cost(logits, boxes, gt_labels, gt_boxes))
-    assert torch.allclose(cost[1], matching_cost(logits, other_boxes, gt_labels, gt_boxes))
+    assert torch.allclose(cost[0], matching_cost(logits, boxes, gt_labels, gt_boxes, **W))
+    assert torch.allclose(cost[1], matching_cost(logits, other_boxes, gt_labels, gt_boxes, **W))
     assert torch.isfinite(cost).all()
     cost.sum().backward()
     assert torch.isfinite(stacked.grad).all()
     # only the box terms: query 1 of layer 0 -> 5 * 0.4 - 2 * 0.25 = 1.5
-    boxes_only = matching_cost(logits, boxes, gt_labels, gt_boxes, class_weight=0.0)
+    boxes_only = matching_cost(logits, boxes, gt_labels, gt_boxes, **{**W, "class_weight": 0})
     assert boxes_only[0, 1, 0].item() == pytest.approx(1.5, abs=1e-6)
 
 
@@ -132,7 +135,8 @@ def test_matching_cost_gradients_finite_with_inf_logits():
     logits = torch.tensor([[[-INF, -INF], [2.0, -1.0], [-INF, 30.0]]], requires_grad=True)
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2]] * 3], requires_grad=True)
     gt_labels, gt_boxes = torch.tensor([[1, -1]]), torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.0] * 4]])
-    cost = matching_cost(logits, boxes, gt_labels, gt_boxes, bbox_weight=0.0, giou_weight=0.0)
+    cost = matching_cost(logits, boxes, gt_labels, gt_boxes,
+                         **{**W, "bbox_weight": 0.0, "giou_weight": 0.0})
     # p = 0: pos = 0.25 * 1 * -log(1e-8), neg = 0.75 * 0 * ... = 0 -> 2 * 0.25 * 8 ln 10
     assert cost[0, 0, 0].item() == pytest.approx(2 * 0.25 * 8 * math.log(10), rel=1e-6)
     cost.sum().backward()
@@ -145,7 +149,7 @@ def test_nan_logits_still_match_and_loss_stays_nan():
     logits, boxes, gt_labels, gt_boxes = _one_image()
     logits = logits.clone()
     logits[0, 0, 1] = float("nan")
-    cost = matching_cost(logits, boxes, gt_labels, gt_boxes)
+    cost = matching_cost(logits, boxes, gt_labels, gt_boxes, **W)
     assert torch.isnan(cost[0, 0, 0])
     cost[0, 1, 1] = INF  # scipy reports an infeasible problem for inf costs
     gt_mask = gt_labels >= 0
@@ -153,7 +157,7 @@ def test_nan_logits_still_match_and_loss_stays_nan():
     (queries, gts), = matches
     assert gts.tolist() == [0] and len(queries) == 1
     loss = detection_loss(logits, boxes, matches, gt_labels, gt_boxes,
-                          torch.tensor([[True, True]]), 1.0)
+                          torch.tensor([[True, True]]), 1.0, **LOSS_W)
     assert not torch.isfinite(loss["loss_class"])  # the training loop's guard skips the step
 
 
@@ -168,10 +172,10 @@ def test_best_match_cost_equals_the_full_minimum_in_value_and_gradient():
     gt_labels = torch.tensor([[0, 3, -1], [2, -1, -1], [-1, -1, -1]])
     gt_mask = gt_labels >= 0
     gt_boxes = torch.rand(3, 3, 4, generator=g) * 0.4 + 0.3
-    full = matching_cost(logits, boxes, gt_labels, gt_boxes)
+    full = matching_cost(logits, boxes, gt_labels, gt_boxes, **W)
     expected = full.masked_fill(~gt_mask[None, :, None, :], float("inf")).min(-1).values[:, :2]
     (expected_logits, expected_boxes) = torch.autograd.grad(expected.sum(), [logits, boxes])
-    paired = best_match_cost(full.detach(), gt_mask, logits, boxes, gt_labels, gt_boxes)
+    paired = best_match_cost(full.detach(), gt_mask, logits, boxes, gt_labels, gt_boxes, **W)
     assert paired.shape == (2, 3, 7)
     torch.testing.assert_close(paired[:, :2], expected, rtol=1e-6, atol=1e-6)
     got_logits, got_boxes = torch.autograd.grad(paired[:, :2].sum(), [logits, boxes])

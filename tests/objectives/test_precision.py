@@ -13,10 +13,13 @@ import torch
 from dinor1.objectives.detection import detection_loss
 from dinor1.objectives.grqo import grqo_loss, objectness_kl
 from dinor1.objectives.matcher import matching_cost
+from dinor1.objectives.settings import GRQOSettings, LossSettings
 
 INF = float("inf")
 BF16 = torch.bfloat16
 TIGHT = dict(rtol=1e-6, atol=1e-6)  # fp32 ops on identical fp32 values: no bf16 arithmetic
+COST_W, LOSS_W = LossSettings().matching_weights(), LossSettings().loss_weights()
+GRQO_W = dict(alpha=GRQOSettings().alpha, beta=GRQOSettings().beta)
 
 
 def _sigmoid64(x: float) -> float:
@@ -48,10 +51,10 @@ def test_matching_cost_from_bf16_inputs_is_fp32_math():
     logits, boxes, gt_labels, gt_boxes, _, _ = _detection_inputs()
     logits, boxes = torch.stack([logits, -logits]), torch.stack([boxes, boxes.flip(1)])
     (lo_logits, lo_boxes), (hi_logits, hi_boxes) = _as_bf16_and_rounded(logits, boxes)
-    cost = matching_cost(lo_logits, lo_boxes, gt_labels, gt_boxes)
+    cost = matching_cost(lo_logits, lo_boxes, gt_labels, gt_boxes, **COST_W)
     assert cost.dtype == torch.float32
-    torch.testing.assert_close(cost, matching_cost(hi_logits, hi_boxes, gt_labels, gt_boxes),
-                               **TIGHT)
+    torch.testing.assert_close(cost, matching_cost(hi_logits, hi_boxes, gt_labels, gt_boxes,
+                                                   **COST_W), **TIGHT)
 
 
 def test_matching_cost_logit_7_is_not_saturated():
@@ -60,7 +63,8 @@ def test_matching_cost_logit_7_is_not_saturated():
     logits = torch.tensor([[[7.0]]], dtype=BF16)
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2]]], dtype=BF16)
     cost = matching_cost(logits, boxes, torch.tensor([[0]]), torch.tensor([[[0.5, 0.5, 0.2, 0.2]]]),
-                         class_weight=1.0, bbox_weight=0.0, giou_weight=0.0, alpha=0.0)
+                         class_weight=1.0, bbox_weight=0.0, giou_weight=0.0, alpha=0.0,
+                         gamma=2.0)
     p = _sigmoid64(7.0)
     neg_log = -math.log(1 - p + 1e-8)
     assert neg_log == pytest.approx(7.0009, abs=1e-4)
@@ -138,8 +142,10 @@ def test_detection_loss_from_bf16_inputs_is_fp32_math():
     logits, boxes, gt_labels, gt_boxes, _, prompt_mask = _detection_inputs()
     matches = [(torch.tensor([0, 3]), torch.tensor([0, 1])), (torch.tensor([2]), torch.tensor([0]))]
     (lo_logits, lo_boxes), (hi_logits, hi_boxes) = _as_bf16_and_rounded(logits, boxes)
-    out = detection_loss(lo_logits, lo_boxes, matches, gt_labels, gt_boxes, prompt_mask, 3.0)
-    expected = detection_loss(hi_logits, hi_boxes, matches, gt_labels, gt_boxes, prompt_mask, 3.0)
+    out = detection_loss(lo_logits, lo_boxes, matches, gt_labels, gt_boxes, prompt_mask, 3.0,
+                         **LOSS_W)
+    expected = detection_loss(hi_logits, hi_boxes, matches, gt_labels, gt_boxes, prompt_mask, 3.0,
+                              **LOSS_W)
     for name, value in expected.items():
         assert out[name].dtype == torch.float32, name
         torch.testing.assert_close(out[name], value, **TIGHT)
@@ -149,17 +155,19 @@ def test_autocast_keeps_fp32_math():
     logits, boxes, gt_labels, gt_boxes, gt_mask, prompt_mask = _detection_inputs()
     (lo_logits, lo_boxes), (hi_logits, hi_boxes) = _as_bf16_and_rounded(logits, boxes)
     matches = [(torch.tensor([0, 3]), torch.tensor([0, 1])), (torch.tensor([2]), torch.tensor([0]))]
-    cost_ref = matching_cost(hi_logits[None], hi_boxes[None], gt_labels, gt_boxes)
-    det_ref = detection_loss(hi_logits, hi_boxes, matches, gt_labels, gt_boxes, prompt_mask, 3.0)
+    cost_ref = matching_cost(hi_logits[None], hi_boxes[None], gt_labels, gt_boxes, **COST_W)
+    det_ref = detection_loss(hi_logits, hi_boxes, matches, gt_labels, gt_boxes, prompt_mask, 3.0,
+                             **LOSS_W)
     policy, ref = hi_logits[:, :, 0], hi_logits[:, :, 1] + 0.25
-    grqo_ref = {form: grqo_loss(cost_ref, gt_mask, policy, ref, form=form, num_mute=1,
+    grqo_ref = {form: grqo_loss(cost_ref, gt_mask, policy, ref, form=form, num_mute=1, **GRQO_W,
                                 scores=hi_logits.max(-1).values[None])[0]
                 for form in ("release", "policy_gradient")}
     with torch.autocast("cpu", dtype=BF16):
-        cost = matching_cost(lo_logits[None], lo_boxes[None], gt_labels, gt_boxes)
-        det = detection_loss(lo_logits, lo_boxes, matches, gt_labels, gt_boxes, prompt_mask, 3.0)
+        cost = matching_cost(lo_logits[None], lo_boxes[None], gt_labels, gt_boxes, **COST_W)
+        det = detection_loss(lo_logits, lo_boxes, matches, gt_labels, gt_boxes, prompt_mask, 3.0,
+                             **LOSS_W)
         grqo = {form: grqo_loss(cost, gt_mask, policy.to(BF16), ref.to(BF16), form=form,
-                                num_mute=1, scores=lo_logits.max(-1).values[None])[0]
+                                num_mute=1, **GRQO_W, scores=lo_logits.max(-1).values[None])[0]
                 for form in ("release", "policy_gradient")}
     assert cost.dtype == torch.float32
     torch.testing.assert_close(cost, cost_ref, **TIGHT)

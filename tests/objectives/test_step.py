@@ -10,6 +10,7 @@ from dinor1.model.presets import tiny_cpu
 from dinor1.model.randomness import step_generators
 from dinor1.objectives.contrastive import VisualTextContrastive
 from dinor1.objectives.reference import ReferenceModel
+from dinor1.objectives.settings import GRQOSettings
 from dinor1.objectives.step import ObjectiveSettings, training_losses
 from tests.helpers import tiny_step_batch
 
@@ -43,7 +44,7 @@ def test_grqo_stage_adds_the_term_and_diagnostics(device, form, score):
     torch.manual_seed(0)
     model = DinoR1(tiny_cpu()).train().to(device)
     reference = ReferenceModel(model, refresh="epoch")
-    settings = ObjectiveSettings(grqo_num_mute=10, grqo_form=form, grqo_pg_score=score)
+    settings = ObjectiveSettings(grqo=GRQOSettings(num_mute=10, form=form, pg_score=score))
     loss, logs = training_losses(model, _batch(device), stage="grqo", settings=settings,
                                  reference=reference, generators=step_generators(0, device))
     loss.backward()
@@ -68,10 +69,14 @@ def test_contrastive_term_only_with_class_names():
 
 
 def test_grqo_refuses_to_mute_every_query():
-    from dinor1.objectives.step import muted_queries
-
-    assert muted_queries(ObjectiveSettings(), 900) == 300  # a third, as the release's 300 of 900
-    assert muted_queries(ObjectiveSettings(), 50) == 17
-    assert muted_queries(ObjectiveSettings(grqo_num_mute=10), 50) == 10
-    with pytest.raises(ValueError, match="mutes 50 of 50 queries"):
-        muted_queries(ObjectiveSettings(grqo_num_mute=50), 50)
+    grqo = ObjectiveSettings().grqo
+    assert grqo.muted_queries(900) == 300  # a third, as the release's 300 of 900
+    assert grqo.muted_queries(50) == 17
+    assert GRQOSettings(num_mute=10).muted_queries(50) == 10
+    torch.manual_seed(0)
+    model = DinoR1(tiny_cpu()).train()
+    queries = model.config.num_queries
+    settings = ObjectiveSettings(grqo=GRQOSettings(num_mute=queries))
+    with pytest.raises(ValueError, match=f"mutes {queries} of {queries} queries"):
+        training_losses(model, _batch(), stage="grqo", settings=settings,
+                        reference=ReferenceModel(model))
