@@ -5,7 +5,7 @@
 
 Nothing here runs on a GPU. What each number is:
 
-* parameters - COUNTED on the models the training loop builds (``dinor1.train.loop._build_model``,
+* parameters - COUNTED on the models the training loop builds (``dinor1.train.engine.build_model``,
   the same preset, prompt-encoder FFN size and freezing), built on the ``meta`` device (no weights
   are allocated).
 * which parameters get a gradient - MEASURED with one real tiny-cpu training step (SFT) on this

@@ -19,12 +19,12 @@ PROMPTS, BOXES = 32, 16  # per batch: categories (visual prompts) and GT boxes p
 def build(preset: str, device: str = "meta"):
     """The model exactly as ``dinor1 train`` builds it for ``model.init=preset``."""
     from dinor1.config import TrainConfig
-    from dinor1.train.loop import _build_model
+    from dinor1.train.engine import build_model
 
     cfg = TrainConfig.model_validate({"model": {"init": preset}})
     with torch.device(device):
         torch.manual_seed(0)
-        model = _build_model(cfg)
+        model = build_model(cfg)
     # level_embed is made with torch.Tensor(...), which ignores the device context
     return model.to(device).train()
 

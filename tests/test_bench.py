@@ -8,7 +8,7 @@ import torch
 
 from dinor1.bench.model_step import matmul_peak, run_model_benchmark
 from dinor1.config import load_train_config
-from dinor1.train.loop import tensor_bytes
+from dinor1.train.diagnostics import tensor_bytes
 from tests.helpers import synthetic_train_shards
 
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-JOB = Path(__file__).parents[2] / "jobs" / "demo.yaml"
+JOB = "demo"  # the packaged job (jobs/demo.yaml), see dinor1.jobs_index
 
 
 def _synthetic(work: Path, num_train: int, image_size: int) -> dict:
@@ -33,9 +33,10 @@ def _train(work: Path, name: str, overrides: list[str]):
     import mlflow
 
     from dinor1.config import load_train_config
+    from dinor1.jobs_index import packaged_job
     from dinor1.train.launch import run_training
 
-    cfg = load_train_config(JOB, [f"checkpointing.storage_path={work / 'runs'}",
+    cfg = load_train_config(packaged_job(JOB), [f"checkpointing.storage_path={work / 'runs'}",
                                   "mlflow.log_every_steps=1", f"mlflow.run_name={name}",
                                   "checkpointing.every_steps=100000", *overrides])
     run_training(cfg)
@@ -57,8 +58,8 @@ def plain_loop_step_seconds(cfg, shards: str, *, steps: int, skip: int, threads:
     from dinor1.data.pipeline import collate_fn, open_shard_set
     from dinor1.data.transforms import DecodeSample
     from dinor1.model.randomness import step_generators, step_seed
-    from dinor1.objectives.step import TrainingObjective
-    from dinor1.train.loop import _build_model, _objective_settings
+    from dinor1.objectives.step import TrainingObjective, objective_settings
+    from dinor1.train.engine import build_model
     from dinor1.train.optim import parameter_groups
 
     torch.set_num_threads(threads)
@@ -85,11 +86,11 @@ def plain_loop_step_seconds(cfg, shards: str, *, steps: int, skip: int, threads:
     batches = [collate({k: v[i:i + size] for k, v in decoded.items()})
                for i in range(0, needed, size)]
     torch.manual_seed(cfg.seed)
-    model = _build_model(cfg).train()
+    model = build_model(cfg).train()
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.optimizer.lr,
                                   betas=cfg.optimizer.betas)
     objective = TrainingObjective(model)
-    settings = _objective_settings(cfg, model.config.num_queries)
+    settings = objective_settings(cfg, model.config.num_queries)
     times = []
     for step, batch in enumerate(batches):
         started = time.perf_counter()

@@ -7,6 +7,12 @@ saves of one step within an attempt: the end of training right after a periodic 
 file copies, so a save cut short (a worker killed, a node lost) can leave a folder holding some
 files. Only after every rank's ``report`` returned does rank 0 write ``complete.json`` into it:
 a folder without it never passes for a checkpoint.
+
+Inside the folder: DeepSpeed's files (``ds/``, every rank's partition), the trainer state
+(``trainer_state.json``, :class:`~dinor1.train.state.TrainState`) and, once GRQO started, the
+reference model (``reference.safetensors``). :func:`save_checkpoint` writes one and reports it to
+Ray Train, :func:`restore_point` and :func:`load_checkpoint` find and load one, and
+:func:`export_final_model` writes the ``from_pretrained`` directory a run ends with.
 """
 
 from __future__ import annotations
@@ -14,10 +20,12 @@ from __future__ import annotations
 import json
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 from dinor1 import storage as store
 from dinor1.errors import UserError
+from dinor1.train.state import TrainState
 
 CHECKPOINT_TAG = "ds"  # DeepSpeed's subfolder
 STATE_NAME = "trainer_state.json"
@@ -51,14 +59,14 @@ def checkpoint_problem(location: str) -> str | None:
     except (OSError, FileNotFoundError, ValueError) as exc:
         return f"no completion marker ({COMPLETE_NAME}: {type(exc).__name__}; the save was cut short)"
     try:
-        state = json.loads(store.read_text(store.join(location, STATE_NAME)))
+        state = TrainState.from_json(store.read_text(store.join(location, STATE_NAME)))
     except (OSError, FileNotFoundError, ValueError) as exc:
         return f"{STATE_NAME} unreadable ({type(exc).__name__})"
     files = [name for name, _ in store.files(store.join(location, CHECKPOINT_TAG))]
     if not any(name.endswith("model_states.pt") for name in files):
         return f"no DeepSpeed model states in {CHECKPOINT_TAG}/"
-    if state.get("zero_stage", 0) > 0:
-        for rank in range(state.get("world_size", 1)):
+    if state.zero_stage > 0:
+        for rank in range(state.world_size):
             if not any(f"zero_pp_rank_{rank}_" in n and n.endswith("optim_states.pt")
                        for n in files):
                 return f"rank {rank}'s optimizer partition is missing"
@@ -78,8 +86,8 @@ def newest_complete(run_folder: str) -> tuple[str, int, list[str]]:
         location = store.join(run_folder, name)
         problem = checkpoint_problem(location)
         if problem is None:
-            state = json.loads(store.read_text(store.join(location, STATE_NAME)))
-            return location, int(state.get("step", 0)), skipped
+            state = TrainState.from_json(store.read_text(store.join(location, STATE_NAME)))
+            return location, state.step, skipped
         skipped.append(f"{name} ({problem})")
     return "", -1, skipped
 
@@ -101,3 +109,97 @@ def latest_checkpoint(path: str | Path) -> str:
         return found
     detail = f" (incomplete: {'; '.join(skipped)})" if skipped else ""
     raise UserError(f"checkpointing.start_from: no complete checkpoint in {location}{detail}")
+
+
+def broadcast_from_rank0(value, rank: int):
+    """Rank 0's ``value`` on every rank."""
+    import torch.distributed
+
+    box = [value if rank == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def restore_point(run_folder: str, start_from: str | None, rank: int):
+    """The ``ray.train.Checkpoint`` this attempt starts from (the same on every rank), or None.
+
+    This run's own newest checkpoint first: the newer of the one Ray Train registered (after a
+    restart) and the newest complete one in the run folder (a worker lost between the save and
+    Ray's registration of it must not cost those steps); else ``start_from`` (branching off
+    another run). Rank 0 decides.
+    """
+    import ray.train
+
+    registered = ray.train.get_checkpoint()
+    choice = None
+    if rank == 0:
+        folder, step, _ = newest_complete(run_folder) if run_folder else ("", -1, [])
+        ray_step = checkpoint_step(Path(registered.path).name) if registered else None
+        if registered is not None and (ray_step is None or ray_step >= step):
+            choice = ("registered", None)
+        elif folder:
+            choice = ("folder", folder)
+        elif start_from:
+            choice = ("folder", start_from)
+    choice = broadcast_from_rank0(choice, rank)
+    if choice is None:
+        return None
+    if choice[0] == "registered":
+        return registered
+    return ray.train.Checkpoint(choice[1])  # a folder or a URI
+
+
+def load_checkpoint(checkpoint, engine, reference) -> TrainState:
+    """Load a checkpoint into the engine (weights, optimiser) and ``reference``
+    (:class:`~dinor1.train.stages.GRQOReference`, when the checkpoint has one); returns its
+    trainer state."""
+    with checkpoint.as_directory() as folder:
+        engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+        state = TrainState.from_json((Path(folder) / STATE_NAME).read_text(),
+                                     source=f"{checkpoint.path}/{STATE_NAME}")
+        if (Path(folder) / REFERENCE_NAME).exists():
+            reference.restore(engine, Path(folder) / REFERENCE_NAME,
+                              state.reference_refresh_step)
+    return state
+
+
+def save_checkpoint(engine, state: TrainState, reference, *, rank: int, name: str,
+                    run_folder: str, metrics: dict[str, float], after_save=None) -> None:
+    """Every rank: DeepSpeed's files; rank 0: the trainer state and the reference. Reported to
+    Ray Train under ``name`` (which uploads it into the run folder), then marked complete.
+
+    ``after_save(folder)`` runs on every rank once the files are written, before the report
+    (the loop logs checksums of what was saved there)."""
+    import ray.train
+    import torch.distributed
+
+    from dinor1.model.dino_r1 import save_weights
+
+    state.saved_step = state.step
+    with tempfile.TemporaryDirectory() as folder:
+        engine.save_checkpoint(folder, tag=CHECKPOINT_TAG)
+        if rank == 0:
+            if reference.model is not None:
+                save_weights(reference.model.model, Path(folder) / REFERENCE_NAME)
+                state.reference_refresh_step = reference.refresh_step
+            (Path(folder) / STATE_NAME).write_text(state.to_json())
+        if after_save is not None:
+            after_save(folder)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=name)
+    # every rank's files are uploaded once all reports returned: only now is it complete
+    torch.distributed.barrier()
+    if rank == 0 and run_folder:
+        mark_complete(store.join(run_folder, name), state.step, state.world_size)
+
+
+def export_final_model(model, state_dict, final_dir: str) -> Path:
+    """The final weights as a ``from_pretrained`` directory in ``final_dir`` (a local folder, or
+    an object-store URI: written locally, then uploaded). Returns the local directory."""
+    remote = final_dir if final_dir and store.is_uri(final_dir) else None
+    target = Path(final_dir) if final_dir and not remote else Path(tempfile.mkdtemp())
+    model.save_pretrained(target, state_dict)
+    if remote:
+        store.upload_dir(target, remote)
+    print(f"[train] final weights: {remote or target}", file=sys.stderr, flush=True)
+    return target

@@ -16,6 +16,7 @@ from dinor1.config import TrainConfig, experiment_id, resolve_paths  # noqa: F40
 from dinor1.errors import UserError
 from dinor1.storage import join
 from dinor1.train.checkpoints import latest_checkpoint
+from dinor1.train.settings import WorkerSettings
 
 
 def _git_commit() -> str:
@@ -124,13 +125,20 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(stored: dict, current: dict) -> list[str]:
-    """``key: old -> new`` for each setting (dotted key) that differs, sorted by key."""
-    old, new = _flat(stored), _flat(current)
+def config_changes(stored: dict, current: dict, defaults: dict | None = None) -> list[str]:
+    """``key: old -> new`` for each setting (dotted key) that differs, sorted by key. A key the
+    stored config lacks (written by an older dinor1, before the key existed) is unchanged when
+    its current value is its default in ``defaults`` (the schema's, as a nested dict)."""
+    old, new, default = _flat(stored), _flat(current), _flat(defaults or {})
     missing = object()
+
+    def changed(key: str) -> bool:
+        if key in RERUN_IGNORED or old.get(key, missing) == new.get(key, missing):
+            return False
+        return not (key not in old and key in default and new.get(key) == default[key])
+
     return [f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
-            for key in sorted(old.keys() | new.keys())
-            if key not in RERUN_IGNORED and old.get(key, missing) != new.get(key, missing)]
+            for key in sorted(old.keys() | new.keys()) if changed(key)]
 
 
 def check_rerun(cfg: TrainConfig, storage: Path | str, name: str) -> list[str]:
@@ -146,7 +154,8 @@ def check_rerun(cfg: TrainConfig, storage: Path | str, name: str) -> list[str]:
     except yaml.YAMLError as exc:
         raise UserError(f"{stored_file}: unreadable ({str(exc).splitlines()[0]}); "
                         "pick a new checkpointing.name") from None
-    changes = config_changes(stored, cfg.model_dump(mode="json"))
+    changes = config_changes(stored, cfg.model_dump(mode="json"),
+                             TrainConfig().model_dump(mode="json"))
     if cfg.checkpointing.resume:
         return changes
     if changes:
@@ -187,26 +196,12 @@ def _record_attempt(cfg: TrainConfig, storage: Path | str, name: str, uri: str, 
               file=sys.stderr)
 
 
-def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
-    """Start (or resume) the job; returns Ray Train's Result."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from dinor1.config import local_output_dir
-    from dinor1.data.pipeline import detection_dataset, open_shard_set
-    from dinor1.train.loop import train_loop_per_worker
-
-    print("resolved config:\n" + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
-          file=sys.stderr)
-    shards = open_shard_set(cfg.data.train_shards)  # fails early on a missing shard folder
-    storage, name, uri = resolve_paths(cfg)
-    changed = check_rerun(cfg, storage, name)  # one-line refusal before anything starts
-    if isinstance(storage, Path):
-        storage.mkdir(parents=True, exist_ok=True)
+def _start_mlflow_run(cfg: TrainConfig, storage: Path | str, name: str, uri: str) -> str:
+    """The run's MLflow run id; a tracking server that does not answer stops here, in one line.
+    """
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # seconds, not minutes
     try:
-        run_id = mlflow_run(cfg, storage, name, uri)
+        return mlflow_run(cfg, storage, name, uri)
     except Exception as exc:  # noqa: BLE001 - MLflow wraps connection errors in its own type
         from dinor1.train.tracking import one_line, rejected
 
@@ -214,45 +209,50 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
             raise
         raise UserError(f"mlflow.tracking_uri {uri}: the tracking server does not answer "
                         f"({one_line(exc)[:200]}); nothing was started") from exc
-    started_here = start_or_join_ray(ray_address)
-    _record_attempt(cfg, storage, name, uri, run_id, changed, started_here)
-    sc = cfg.scaling
-    workers = (sc.min_workers, sc.max_workers) if sc.min_workers else sc.num_workers
+
+
+def _steps_per_epoch(cfg: TrainConfig, manifest: dict | None) -> int | None:
+    """Optimiser steps per epoch when the shards say how many samples they hold (or the cap)."""
     per_epoch = None
-    if shards.manifest:
-        per_epoch = shards.manifest["num_samples"] // (cfg.data.batch_size * sc.num_workers)
+    if manifest:
+        per_epoch = manifest["num_samples"] // (cfg.data.batch_size * cfg.scaling.num_workers)
     if cfg.stages.max_steps_per_epoch:
         per_epoch = min(per_epoch or cfg.stages.max_steps_per_epoch,
                         cfg.stages.max_steps_per_epoch)
-    epochs = cfg.stages.sft_epochs + cfg.stages.grqo_epochs
-    datasets = {"train": detection_dataset(shards, cfg.data, train=True)}
-    eval_categories = []
-    if cfg.eval.every_epochs:
-        from dinor1.eval.evaluate import dataset_categories
+    return per_epoch
 
-        val = open_shard_set(cfg.eval.shards or cfg.data.val_shards)
-        eval_categories = dataset_categories(val.manifest)
-        if not eval_categories:
-            raise UserError("eval.every_epochs: the val shards have no manifest.json (classes)")
-        datasets["val"] = detection_dataset(val, cfg.data, train=False)
-        support = detection_dataset(cfg.eval.support_shards or shards, cfg.data, train=False)
-        datasets["support"] = support
-    class_names = contrastive_class_names(cfg, shards.manifest)
-    start = None  # Ray Train V2 has no resume_from_checkpoint: the loop loads it
-    if cfg.checkpointing.start_from:
-        start = str(latest_checkpoint(cfg.checkpointing.start_from))
-    trainer = TorchTrainer(
+
+def _datasets(cfg: TrainConfig, shards) -> tuple[dict, list[dict]]:
+    """Ray Datasets for the workers (train; val and support with ``eval.every_epochs``) and
+    the val split's categories."""
+    from dinor1.data.pipeline import detection_dataset, open_shard_set
+
+    datasets = {"train": detection_dataset(shards, cfg.data, train=True)}
+    if not cfg.eval.every_epochs:
+        return datasets, []
+    from dinor1.eval.evaluate import dataset_categories
+
+    val = open_shard_set(cfg.eval.shards or cfg.data.val_shards)
+    categories = dataset_categories(val.manifest)
+    if not categories:
+        raise UserError("eval.every_epochs: the val shards have no manifest.json (classes)")
+    datasets["val"] = detection_dataset(val, cfg.data, train=False)
+    datasets["support"] = detection_dataset(cfg.eval.support_shards or shards, cfg.data,
+                                            train=False)
+    return datasets, categories
+
+
+def _trainer(cfg: TrainConfig, settings: WorkerSettings, datasets: dict, storage, name: str):
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dinor1.train.loop import train_loop_per_worker
+
+    sc = cfg.scaling
+    workers = (sc.min_workers, sc.max_workers) if sc.min_workers else sc.num_workers
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "train": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "tracking_uri": uri,
-            "total_steps": per_epoch * epochs if per_epoch else None,
-            "run_folder": join(storage, name),
-            "final_model_dir": join(storage, name, "final_model"),
-            # rank 0 keeps what it logs during an MLflow outage here (see tracking.MlflowWriter)
-            "mlflow_spool_dir": str(local_output_dir(storage, name, "mlflow_spool")),
-            "eval_categories": eval_categories, "start_from": start,
-            "class_names": class_names,  # {id: name} for the contrastive loss, or None
-        },
+        train_loop_config=settings.for_ray(),
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=sc.use_gpu, placement_strategy=sc.placement_strategy,
             resources_per_worker={"CPU": sc.cpus_per_worker,
@@ -269,7 +269,38 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpointing.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.checkpointing.max_failures)),
     )
-    result = trainer.fit()
+
+
+def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
+    """Start (or resume) the job; returns Ray Train's Result."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from dinor1.config import local_output_dir
+    from dinor1.data.pipeline import open_shard_set
+
+    print("resolved config:\n" + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
+          file=sys.stderr)
+    shards = open_shard_set(cfg.data.train_shards)  # fails early on a missing shard folder
+    storage, name, uri = resolve_paths(cfg)
+    changed = check_rerun(cfg, storage, name)  # one-line refusal before anything starts
+    if isinstance(storage, Path):
+        storage.mkdir(parents=True, exist_ok=True)
+    run_id = _start_mlflow_run(cfg, storage, name, uri)
+    started_here = start_or_join_ray(ray_address)
+    _record_attempt(cfg, storage, name, uri, run_id, changed, started_here)
+    per_epoch = _steps_per_epoch(cfg, shards.manifest)
+    datasets, eval_categories = _datasets(cfg, shards)
+    settings = WorkerSettings(
+        train=cfg, mlflow_run_id=run_id, tracking_uri=uri,
+        total_steps=per_epoch * (cfg.stages.sft_epochs + cfg.stages.grqo_epochs)
+        if per_epoch else None,
+        run_folder=join(storage, name), final_model_dir=join(storage, name, "final_model"),
+        mlflow_spool_dir=str(local_output_dir(storage, name, "mlflow_spool")),
+        eval_categories=eval_categories,
+        # Ray Train V2 has no resume_from_checkpoint: the loop loads it
+        start_from=str(latest_checkpoint(cfg.checkpointing.start_from))
+        if cfg.checkpointing.start_from else None,
+        class_names=contrastive_class_names(cfg, shards.manifest))
+    result = _trainer(cfg, settings, datasets, storage, name).fit()
     if result.error is None:
         store.write_text(join(storage, name, FINISHED), f"{run_id}\n")
     print(f"[train] MLflow run {run_id} at {uri}; checkpoints in {join(storage, name)}",

@@ -34,7 +34,7 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 def lr_factor(step: int, epoch: int, cfg: TrainConfig) -> float:
     """Linear warm-up from ``warmup_factor`` to 1 over ``warmup_steps``, then x ``gamma`` at each
-    epoch in ``decay_epochs`` (METHOD.md section 3)."""
+    epoch in ``decay_epochs`` (docs/method.md section 3)."""
     sched = cfg.schedule
     factor = sched.gamma ** sum(epoch >= e for e in sched.decay_epochs)
     if step < sched.warmup_steps:

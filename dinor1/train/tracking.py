@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dinor1.train.settings import WorkerSettings
 
 SPOOL_SUFFIX = ".mlflow-spool.jsonl"
 MAX_RECORDS_PER_CALL = 1000  # MLflow's log_batch limit for metrics
@@ -384,15 +387,14 @@ class RankZeroTracker:
     also started and stopped on helper threads: nothing here waits on the server.
     """
 
-    def __init__(self, config: dict, rank: int, world: int):
-        self.enabled = rank == 0 and config.get("mlflow_run_id") is not None
+    def __init__(self, settings: WorkerSettings, rank: int, world: int):
+        self.enabled = rank == 0 and settings.mlflow_run_id is not None
         self.rank = rank
-        self.every = config["train"]["mlflow"]["log_every_steps"]
-        self.sync_seconds = config["train"]["mlflow"].get("final_sync_seconds", 60)
-        self.total_steps = config.get("total_steps")
+        self.every = settings.train.mlflow.log_every_steps
+        self.sync_seconds = settings.train.mlflow.final_sync_seconds
+        self.total_steps = settings.total_steps
         self.started = time.time()
-        self.run_id = config.get("mlflow_run_id")
-        self.final_dir = config.get("final_model_dir")
+        self.run_id = settings.mlflow_run_id
         self.sampler = None  # MLflow's SystemMetricsMonitor, once started
         self.sampler_lock = threading.Lock()
         self.finished = False
@@ -402,18 +404,18 @@ class RankZeroTracker:
             # fail fast into the writer's own retries rather than MLflow's (minutes of backoff)
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-            mlflow.set_tracking_uri(config["tracking_uri"])
-            spool_dir = config.get("mlflow_spool_dir")
-            self.writer = MlflowWriter(mlflow.MlflowClient(config["tracking_uri"]), self.run_id,
-                                       Path(spool_dir) if spool_dir else None,
-                                       tracking_uri=config["tracking_uri"])
+            uri = settings.tracking_uri
+            mlflow.set_tracking_uri(uri)
+            spool_dir = settings.mlflow_spool_dir
+            self.writer = MlflowWriter(mlflow.MlflowClient(uri), self.run_id,
+                                       Path(spool_dir) if spool_dir else None, tracking_uri=uri)
             if spool_dir and Path(spool_dir).is_dir():
                 for path in spool_files(Path(spool_dir), self.run_id):  # a killed attempt's
                     _, records = read_spool(path)
                     self.writer.write(records)  # (now in this writer's own spool file)
                     path.unlink()
             self.writer.set_tag("world_size", str(world))
-            threading.Thread(target=self._start_sampler, args=(config["tracking_uri"],),
+            threading.Thread(target=self._start_sampler, args=(uri,),
                              name="mlflow-sampler-start", daemon=True).start()
 
     def _start_sampler(self, tracking_uri: str) -> None:
@@ -457,18 +459,10 @@ class RankZeroTracker:
         if self.enabled:
             self.writer.log_text(text, artifact_file)
 
-    def finish(self, module, state_dict, step: int) -> dict[str, float]:
-        """Export the final weights (``from_pretrained`` directory), log them, end the run, and
-        wait (``mlflow.final_sync_seconds``) for everything still queued. Returns the
-        writer's summary (``mlflow/*``: outage seconds, delayed/undelivered values)."""
-        from dinor1 import storage
-
-        remote = self.final_dir if self.final_dir and storage.is_uri(self.final_dir) else None
-        target = Path(self.final_dir) if self.final_dir and not remote else Path(tempfile.mkdtemp())
-        module.save_pretrained(target, state_dict)
-        if remote:  # an object-store run folder: export there too
-            storage.upload_dir(target, remote)
-        print(f"[train] final weights: {remote or target}", file=sys.stderr, flush=True)
+    def finish(self, final_model: Path, step: int) -> dict[str, float]:
+        """Log the exported final model (``checkpoints.export_final_model``), end the run, and
+        wait (``mlflow.final_sync_seconds``) for everything still queued. Returns the writer's
+        summary (``mlflow/*``: outage seconds, delayed/undelivered values)."""
         if not self.enabled:
             return {}
         with self.sampler_lock:
@@ -477,7 +471,7 @@ class RankZeroTracker:
         if sampler is not None:  # (its last request may hang: not on this thread)
             threading.Thread(target=sampler.finish, name="mlflow-sampler-stop",
                              daemon=True).start()
-        self.writer.log_artifacts(str(target), "final_model")
+        self.writer.log_artifacts(str(final_model), "final_model")
         self.writer.end_run()
         summary = self.writer.close(self.sync_seconds)
         if summary["mlflow/outage_seconds"] and not summary["mlflow/undelivered_values"]:

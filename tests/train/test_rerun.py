@@ -79,6 +79,15 @@ def test_config_changes_names_added_and_removed_keys():
         "a.c: [1, 2] -> [1, 3]", "gone: 1 -> (unset)", "new: (unset) -> x"]
 
 
+def test_a_key_added_since_the_run_was_stored_is_unchanged_at_its_default():
+    # a run folder written before objectives.focal_alpha existed resumes with the default
+    stored = {"objectives": {"bbox_weight": 5.0}}
+    defaults = {"objectives": {"bbox_weight": 5.0, "focal_alpha": 0.25}}
+    assert config_changes(stored, defaults, defaults) == []
+    assert config_changes(stored, {"objectives": {"bbox_weight": 5.0, "focal_alpha": 0.5}},
+                          defaults) == ["objectives.focal_alpha: (unset) -> 0.5"]
+
+
 @pytest.mark.parametrize("finished, overrides, message", [
     (False, ["optimizer.lr=1e-5"], "with other settings (optimizer.lr: 0.0004 -> 1e-05)"),
     (True, [], "is finished; set checkpointing.resume=true"),

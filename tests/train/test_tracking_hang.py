@@ -11,6 +11,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from dinor1.config import TrainConfig
+from dinor1.train.checkpoints import export_final_model
+from dinor1.train.settings import WorkerSettings
 from dinor1.train.tracking import (
     SPOOL_SUFFIX,
     MlflowWriter,
@@ -161,13 +164,14 @@ def test_rank_zero_tracker_never_waits_for_a_silent_server(
     _, _, run_id = sqlite_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow.get_tracking_uri())  # restored afterwards
     previous_uri = mlflow.get_tracking_uri()
-    config = {"mlflow_run_id": run_id, "tracking_uri": silent_server.uri,
-              "mlflow_spool_dir": str(tmp_path / "spool"), "total_steps": STEPS,
-              "final_model_dir": str(tmp_path / "final"),
-              "train": {"mlflow": {"log_every_steps": 1, "final_sync_seconds": 0.5}}}
+    settings = WorkerSettings(
+        mlflow_run_id=run_id, tracking_uri=silent_server.uri,
+        mlflow_spool_dir=str(tmp_path / "spool"), total_steps=STEPS,
+        train=TrainConfig.model_validate(
+            {"mlflow": {"log_every_steps": 1, "final_sync_seconds": 0.5}}))
     try:
         started = time.perf_counter()
-        tracker = RankZeroTracker(config, rank=0, world=2)
+        tracker = RankZeroTracker(settings, rank=0, world=2)
         assert time.perf_counter() - started < 1.0  # the old tracker waited here, twice
         _, longest = _log_steps(tracker, lambda metrics, step: tracker.log(
             metrics, step, epoch=0, stage="sft"))
@@ -178,7 +182,8 @@ def test_rank_zero_tracker_never_waits_for_a_silent_server(
         assert max(longest, time.perf_counter() - started) < 0.1
 
         started = time.monotonic()
-        summary = tracker.finish(_Weights(), {}, STEPS)
+        summary = tracker.finish(export_final_model(_Weights(), {}, str(tmp_path / "final")),
+                                 STEPS)
         assert time.monotonic() - started < 0.5 + REQUEST_TIMEOUT + 1.5
     finally:
         mlflow.set_tracking_uri(previous_uri)

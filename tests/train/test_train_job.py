@@ -96,8 +96,8 @@ def test_resume_restores_state_into_the_same_mlflow_run(ray_cluster, shards, tmp
     epoch): Ray Train restores that checkpoint; weights, optimiser state (rank 0's part) and
     the reference model equal what was saved, the step count goes on, and the metrics land in
     the same MLflow run."""
+    from dinor1.train.diagnostics import weight_checksum
     from dinor1.train.launch import run_training
-    from dinor1.train.loop import weight_checksum
 
     common = [f"data.train_shards={shards}", "data.train_short_sides=[96]",
               "data.train_max_size=96", "stages.max_steps_per_epoch=2",
