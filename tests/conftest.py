@@ -1,5 +1,5 @@
 """Shared fixtures. Environment first: loopback-only Ray, no auth tokens for the throwaway local
-clusters tests start, no MLflow telemetry, a faster Ray Train health check."""
+clusters tests start, no MLflow telemetry."""
 
 import os
 
@@ -7,10 +7,6 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-# Ray Train's controller polls its workers every 2 s by default, so each short training run of
-# the tests waited ~2 s after its last step before fit() returned (measured: 4.0 -> 1.5 s from
-# the workers' end to fit()'s return); inherited by the Ray clusters and CLIs the tests start
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 import pytest  # noqa: E402
 
