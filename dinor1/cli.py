@@ -11,6 +11,15 @@ from pathlib import Path
 
 from dinor1.errors import UserError
 
+VERBOSE_HELP = ("also show what Ray, Ray Data, Ray Train, DeepSpeed, MLflow and transformers "
+                "print (their progress bars, INFO logs and warnings), and the resolved config")
+
+
+def _verbose_flag(parser) -> None:
+    """``--verbose`` after the command too (``dinor1 demo --verbose``)."""
+    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help=VERBOSE_HELP)
+
 
 def _add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="datasets -> shards, and shard inspection")
@@ -69,8 +78,10 @@ def _add_bench_commands(sub) -> None:
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
     data = bsub.add_parser(
         "data",
-        help="Ray Data pipeline vs a single-process PIL loop over the same shards",
-        description="Prints samples/s of both and the ratio per core used.",
+        help="Ray Data pipeline vs a single-process PIL loop (or, --peer, a torch DataLoader) "
+        "over the same shards",
+        description="Prints samples/s of both and the ratio per core used; with --peer, the "
+        "ray / dataloader ratio.",
     )
     data.add_argument("--shards", help="shard folder (default: a synthetic set made here)")
     data.add_argument("--num-images", type=int, default=2000)
@@ -79,6 +90,9 @@ def _add_bench_commands(sub) -> None:
     data.add_argument("--batch-size", type=int, default=16)
     data.add_argument("--repeats", type=int, default=2)
     data.add_argument("--work-dir", default=None)
+    data.add_argument("--peer", action="store_true",
+                      help="compare with a torch DataLoader of --num-cpus worker processes "
+                      "reading, decoding and collating the same shards with the same code")
     model = bsub.add_parser("model", help="forward+backward time per step of a model preset")
     model.add_argument("--preset", default="tiny-cpu")
     model.add_argument("--batch-size", type=int, default=4)
@@ -140,6 +154,7 @@ def _add_eval_commands(sub) -> None:
         "linked to the training run; artifacts to eval.out_dir.",
     )
     _add_job_arguments(ev)
+    _verbose_flag(ev)
     ev.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     pred = sub.add_parser(
         "predict",
@@ -148,6 +163,7 @@ def _add_eval_commands(sub) -> None:
         " or class names (--text 'cat . dog'). Boxes sharing a label are averaged into one "
         "prompt.",
     )
+    _verbose_flag(pred)
     pred.add_argument("--checkpoint", required=True,
                       help="model directory, training run folder, HF checkpoint, or preset")
     pred.add_argument("--image", required=True)
@@ -157,10 +173,20 @@ def _add_eval_commands(sub) -> None:
     pred.add_argument("--text", help="class names separated by '.'")
     pred.add_argument("--out", help="PNG path (default: IMAGE_dinor1.png)")
     pred.add_argument("--json", help="JSON path (default: IMAGE_dinor1.json)")
-    pred.add_argument("--threshold", type=float, default=0.3)
-    pred.add_argument("--top-k", type=int, default=100)
-    pred.add_argument("--short-side", type=int, default=800)
-    pred.add_argument("--max-size", type=int, default=1333)
+    pred.add_argument("--per-prompt", type=int, default=None, metavar="K",
+                      help="keep the K best boxes of each prompt that score at least half "
+                      "its best, duplicates (IoU > 0.5 with a better one, or 3/4 inside it) "
+                      "left out (the default, K=5)")
+    pred.add_argument("--threshold", type=float, default=None, metavar="T",
+                      help="keep every box scoring at least T instead (for a model with "
+                      "calibrated scores)")
+    pred.add_argument("--top-k", type=int, default=100,
+                      help="candidate (query, prompt) pairs considered")
+    pred.add_argument("--short-side", type=int, default=None,
+                      help="resize the image to this short side (default: as the training "
+                      "run evaluated, from its resolved_config.yaml; else 800)")
+    pred.add_argument("--max-size", type=int, default=None,
+                      help="... and at most this long side (default: likewise; else 1333)")
     add_compare_parser(sub)
 
 
@@ -170,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="DINO-R1 (Grounding DINO + visual prompts + GRQO) on Ray, DeepSpeed, MLflow.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_data_commands(sub)
     _add_bench_commands(sub)
@@ -182,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "before anything starts.",
     )
     _add_job_arguments(train)
+    _verbose_flag(train)
     train.add_argument("--check", action="store_true",
                        help="validate and print the resolved config, then exit")
     _add_eval_commands(sub)
@@ -202,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the embedded default end to end: synthetic data -> shards -> SFT prefix, then "
         "an SFT and a GRQO branch (2 DeepSpeed workers on a local Ray) -> eval -> compare",
     )
+    _verbose_flag(demo)
     demo.add_argument("--out", default="demo_output")
     demo.add_argument("--num-train", type=int, default=2000)
     demo.add_argument("overrides", nargs="*", metavar="key=value",
@@ -274,9 +303,11 @@ def cmd_bench(args) -> int:
                             bf16=args.bf16, compare=args.compare,
                             compile_backend=args.compile_backend)
         return 0
+    from dinor1.bench.data_peer import run_peer_benchmark
     from dinor1.bench.data_throughput import run_data_benchmark
 
-    run_data_benchmark(
+    run = run_peer_benchmark if args.peer else run_data_benchmark
+    run(
         shards=args.shards,
         num_images=args.num_images,
         image_size=args.image_size,
@@ -340,17 +371,23 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from dinor1.eval.predict import parse_box, predict_image
+    from dinor1.eval.predict import PER_PROMPT, parse_box, predict_image
 
+    if args.threshold is not None and args.per_prompt is not None:
+        raise UserError("give --per-prompt or --threshold, not both")
     payload = predict_image(
         args.checkpoint, args.image, boxes=[parse_box(b) for b in args.box],
         exemplar_path=args.exemplar, text=args.text, out_png=args.out, out_json=args.json,
-        threshold=args.threshold, top_k=args.top_k, short_side=args.short_side,
-        max_size=args.max_size)
+        threshold=args.threshold, top_k=args.top_k,
+        per_prompt=PER_PROMPT if args.per_prompt is None else args.per_prompt,
+        short_side=args.short_side, max_size=args.max_size)
     for det in payload["detections"]:
         box = ", ".join(f"{v:.1f}" for v in det["box_xyxy"])
         print(f"{det['label']:<20} {det['score']:.3f}  [{box}]")
-    print(f"{len(payload['detections'])} detections; wrote {' and '.join(payload['files'])}")
+    rule = (f"score >= {args.threshold}" if args.threshold is not None
+            else f"best {payload['per_prompt']} per prompt")
+    print(f"{len(payload['detections'])} detections ({rule}); wrote "
+          f"{' and '.join(payload['files'])}")
     return 0
 
 
@@ -393,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    from dinor1.console import configure
+
+    configure(verbose=args.verbose)  # before Ray, DeepSpeed or MLflow is imported
     from dinor1.compare import cmd_compare
     from dinor1.local_cluster import cmd_cluster
 

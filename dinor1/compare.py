@@ -41,10 +41,16 @@ class Comparison:
     csv: Path
     markdown: Path
 
-    def as_text(self, line_width: int | None = None) -> str:
+    def as_text(self, line_width: int | None = None, columns: dict[str, str] | None = None
+                ) -> str:
         """The table as a terminal reads it: metrics to 4 significant digits, gaps as '-';
-        columns past ``line_width`` characters continue in a block below."""
-        return _display(self.table).to_string(index=False, line_width=line_width)
+        columns past ``line_width`` characters continue in a block below. ``columns``: only
+        these ({column: heading}, in that order; absent ones left out)."""
+        table = self.table
+        if columns:
+            kept = {k: v for k, v in columns.items() if k in table.columns}
+            table = table[list(kept)].rename(columns=kept)
+        return _display(table).to_string(index=False, line_width=line_width)
 
 
 def add_compare_parser(sub) -> None:

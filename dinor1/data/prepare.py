@@ -12,10 +12,11 @@ SPLITS = ("train", "val", "support")
 
 
 def synthesize(out: str, *, samples_per_shard: int = 500, workers: int = 1, shards: bool = True,
-               **knobs) -> dict[str, Path]:
+               progress: bool = True, **knobs) -> dict[str, Path]:
     """Generate the synthetic dataset under ``out/coco`` and its shards under ``out/shards``.
 
     Returns {split: shard folder} (or {split: annotation JSON} with ``shards=False``).
+    ``progress``: progress bars and a summary line per split.
     """
     from dinor1.data_pipelines.synthetic import SyntheticConfig, generate_synthetic_coco
 
@@ -24,7 +25,8 @@ def synthesize(out: str, *, samples_per_shard: int = 500, workers: int = 1, shar
     except (TypeError, ValueError) as exc:
         raise UserError(str(exc)) from exc
     coco_dir = Path(out) / "coco"
-    annotations = generate_synthetic_coco(coco_dir, config, num_workers=workers, progress=True)
+    annotations = generate_synthetic_coco(coco_dir, config, num_workers=workers,
+                                          progress=progress)
     if not shards:
         return annotations
     out_dirs = {}
@@ -36,8 +38,9 @@ def synthesize(out: str, *, samples_per_shard: int = 500, workers: int = 1, shar
         ]
         out_dirs[split] = Path(out) / "shards" / split
         manifest = write_shards(source, out_dirs[split], samples_per_shard=samples_per_shard,
-                                num_workers=workers)
-        print(format_report(manifest))
+                                num_workers=workers, progress=progress)
+        if progress:
+            print(format_report(manifest))
     return out_dirs
 
 

@@ -35,6 +35,7 @@ from dinor1.errors import UserError
 from dinor1.eval.inference import BatchPredictor
 
 PROMPTS_FILE = "generic_prompts.safetensors"
+PROGRESS_SECONDS = 10.0
 SKIPPED_FILE = "skipped_samples.txt"
 
 
@@ -154,6 +155,9 @@ def predict_shards(cfg: TrainConfig, source: ModelSource, mode: str, *,
     ``predictor`` is the actor class (:class:`BatchPredictor`; tests swap in one that returns
     the ground truth, to check the scoring path end to end).
     """
+    from ray.data import ActorPoolStrategy
+
+    from dinor1.console import is_verbose
     from dinor1.data.pipeline import detection_dataset
 
     # decode in blocks of one inference batch, so every actor of the pool gets work
@@ -168,15 +172,17 @@ def predict_shards(cfg: TrainConfig, source: ModelSource, mode: str, *,
             "model_source": source.path, "mode": mode, "data": cfg.data.model_dump(mode="json"),
             "generic_prompts": str(prompts_path) if prompts_path else None, "classes": classes,
             "top_k": e.top_k, "chunk_size": e.prompt_chunk_size},
-        batch_size=e.batch_size, batch_format="numpy", concurrency=e.num_actors,
-        num_cpus=e.cpus_per_actor, num_gpus=e.gpus_per_actor or None)
+        batch_size=e.batch_size, batch_format="numpy", compute=ActorPoolStrategy(
+            size=e.num_actors), num_cpus=e.cpus_per_actor, num_gpus=e.gpus_per_actor or None)
     rows, started = [], time.perf_counter()
+    said = started  # quiet: a progress line at most every PROGRESS_SECONDS
     for row in predicted.iter_rows():
         rows.append(row)
-        if len(rows) % 100 == 0:
-            rate = len(rows) / (time.perf_counter() - started)
-            print(f"[eval] {mode}: {len(rows)} images ({rate:.1f} images/s)", file=sys.stderr,
-                  flush=True)
+        now = time.perf_counter()
+        if len(rows) % 100 == 0 and (is_verbose() or now - said >= PROGRESS_SECONDS):
+            said = now
+            print(f"[eval] {mode}: {len(rows)} images ({len(rows) / (now - started):.1f} "
+                  "images/s)", file=sys.stderr, flush=True)
     return rows
 
 
@@ -221,8 +227,13 @@ def count_quality(rows: list[dict]) -> QualityCounter:
 
 
 def report_quality(quality: QualityCounter, out_dir: Path) -> None:
-    """Write ``skipped_samples.txt`` (one message per line) and say what scoring left out."""
+    """Write ``skipped_samples.txt`` (one message per line) and say what scoring left out (when
+    anything was, or with ``--verbose``)."""
+    from dinor1.console import is_verbose
+
     (out_dir / SKIPPED_FILE).write_text("".join(f"{e}\n" for e in quality.errors))
+    if not (is_verbose() or quality.skipped_samples or quality.dropped_boxes or quality.clipped):
+        return
     kinds = ", ".join(f"{k} {n}" for k, n in quality.skipped.items() if n)
     rules = ", ".join(f"{r} {n}" for r, n in quality.dropped.items() if n)
     print(f"[eval] {quality.skipped_samples} samples skipped{f' ({kinds})' if kinds else ''}, "
@@ -318,6 +329,9 @@ def evaluate(cfg: TrainConfig, *, log_mlflow: bool = True) -> EvalOutcome:
     out_dir.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
         ray.init(configure_logging=False)
+    from dinor1.console import quiet_ray_data
+
+    quiet_ray_data()
     classes = {c["id"]: c["name"] for c in categories}
     prompts_path = None
     if "generic" in cfg.eval.prompt_modes:

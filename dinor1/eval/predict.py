@@ -1,5 +1,17 @@
 """``dinor1 predict``: one image + prompt boxes (in it or in an exemplar image) or text -> a PNG
-with the detections drawn and a JSON of boxes and scores."""
+with the detections drawn and a JSON of boxes and scores.
+
+Defaults that suit the models this project trains:
+
+- the image is resized as the run's evaluation resized it (``data.eval_short_side`` and
+  ``eval_max_size`` of the run folder's ``resolved_config.yaml``; 800/1333, Grounding DINO's,
+  for other checkpoints). The demo's model, trained at 96-128 px, scored a correct box ~0.07
+  at 800 px and ~0.3-0.45 at its own 128.
+- kept: the best ``per_prompt`` boxes of each prompt (class) that score at least half the
+  prompt's best, a box repeating a better kept one of the same prompt (IoU > 0.5, or 3/4 of
+  it inside) left out as its duplicate; every one with its score. A fixed score threshold only suits a model whose
+  scores are calibrated (the old default, 0.3, showed nothing for the demo's model);
+  ``threshold`` keeps every box scoring at least that instead."""
 
 from __future__ import annotations
 
@@ -71,12 +83,70 @@ def _batch(image: np.ndarray, short_side: int, max_size: int) -> dict[str, torch
     return DetectionCollateFn(train=False)(rows)
 
 
+PER_PROMPT = 5  # boxes kept per prompt by default
+DUPLICATE_IOU = 0.5
+DUPLICATE_INSIDE = 0.75  # of a box's area inside a better one: a part of the same object
+MIN_RELATIVE = 0.5  # of the prompt's best score
+DEFAULT_RESOLUTION = (800, 1333)  # short side, max size: Grounding DINO's
+
+
+def duplicate(box: list[float], better: list[float]) -> bool:
+    """Whether x, y, w, h ``box`` repeats ``better``: IoU above :data:`DUPLICATE_IOU`, or more
+    than :data:`DUPLICATE_INSIDE` of it inside ``better`` (a part of the same object)."""
+    width = min(box[0] + box[2], better[0] + better[2]) - max(box[0], better[0])
+    height = min(box[1] + box[3], better[1] + better[3]) - max(box[1], better[1])
+    inter = max(0.0, width) * max(0.0, height)
+    area = box[2] * box[3]
+    union = area + better[2] * better[3] - inter
+    return (union > 0 and inter / union > DUPLICATE_IOU) or (area > 0
+                                                            and inter / area > DUPLICATE_INSIDE)
+
+
+def best_per_prompt(detections: list[dict], per_prompt: int, *,
+                    min_relative: float = MIN_RELATIVE) -> list[dict]:
+    """The ``per_prompt`` best-scoring detections of each ``category_id`` that score at least
+    ``min_relative`` times its best, leaving out a :func:`duplicate` of a better kept one of
+    the same prompt; best first."""
+    kept: dict[int, list[dict]] = {}
+    for det in sorted(detections, key=lambda d: -d["score"]):
+        chosen = kept.setdefault(det["category_id"], [])
+        if len(chosen) >= per_prompt or (chosen and det["score"] < min_relative
+                                         * chosen[0]["score"]):
+            continue
+        if not any(duplicate(det["bbox"], c["bbox"]) for c in chosen):
+            chosen.append(det)
+    return sorted((d for chosen in kept.values() for d in chosen), key=lambda d: -d["score"])
+
+
+def run_resolution(model_path: str) -> tuple[int, int] | None:
+    """(short side, max size) the run that trained ``model_path`` (``<run>/final_model``)
+    evaluated at, from ``<run>/resolved_config.yaml``; None when there is none."""
+    import yaml
+
+    from dinor1 import storage
+
+    path = storage.join(str(model_path).rstrip("/").rsplit("/", 1)[0], "resolved_config.yaml")
+    try:
+        data = (yaml.safe_load(storage.read_text(path)) or {}).get("data", {})
+        return int(data["eval_short_side"]), int(data["eval_max_size"])
+    except Exception:  # noqa: BLE001 - no run folder, or not one of ours: the general default
+        return None
+
+
 def predict_image(checkpoint: str, image_path: str, *, boxes: list[PromptBox] = (),
                   exemplar_path: str | None = None, text: str | None = None,
                   out_png: str | Path | None = None, out_json: str | Path | None = None,
-                  threshold: float = 0.3, top_k: int = 100, short_side: int = 800,
-                  max_size: int = 1333) -> dict:
-    """Detect the prompted objects in ``image_path``; returns the JSON payload written."""
+                  threshold: float | None = None, per_prompt: int = PER_PROMPT,
+                  top_k: int = 100, short_side: int | None = None,
+                  max_size: int | None = None) -> dict:
+    """Detect the prompted objects in ``image_path``; returns the JSON payload written.
+
+    Kept: every detection scoring at least ``threshold`` when it is given, else the best
+    ``per_prompt`` of each prompt without duplicates (:func:`best_per_prompt`); both among the
+    ``top_k`` best (query, prompt) pairs of the image. ``short_side``/``max_size`` default to
+    the training run's evaluation resolution (:func:`run_resolution`), else 800/1333."""
+    if per_prompt < 1:
+        raise UserError(f"--per-prompt {per_prompt}: keep at least 1 box per prompt")
     from dinor1.eval.evaluate import load_model, resolve_checkpoint
     from dinor1.eval.inference import detect_generic, detect_text
     from dinor1.eval.report import draw_detections
@@ -89,6 +159,8 @@ def predict_image(checkpoint: str, image_path: str, *, boxes: list[PromptBox] = 
     image = load_image(image_path)
     source = resolve_checkpoint(checkpoint)
     model = load_model(source)
+    default_short, default_max = run_resolution(source.path) or DEFAULT_RESOLUTION
+    short_side, max_size = short_side or default_short, max_size or default_max
     batch = _batch(image, short_side, max_size)
     if text is not None:
         from dinor1.model.text import load_tokenizer
@@ -118,8 +190,13 @@ def predict_image(checkpoint: str, image_path: str, *, boxes: list[PromptBox] = 
         prompts = GenericPrompts(embeddings, list(range(len(names))), names,
                                  [int((labels == i).sum()) for i in range(len(names))])
         detections = detect_generic(model, batch, prompts, top_k=top_k)[0]
-    kept = [d for d in detections if d["score"] >= threshold]
+    if threshold is None:
+        kept = best_per_prompt(detections, per_prompt)
+    else:
+        kept = [d for d in detections if d["score"] >= threshold]
     payload = {"image": str(image_path), "checkpoint": source.path, "threshold": threshold,
+               "per_prompt": None if threshold is not None else per_prompt,
+               "resolution": {"short_side": short_side, "max_size": max_size},
                "prompts": {"text": text} if text else
                {"boxes": [{"box_xyxy": list(b.box), "label": b.label} for b in boxes],
                 "exemplar": exemplar_path or str(image_path)},
@@ -129,7 +206,7 @@ def predict_image(checkpoint: str, image_path: str, *, boxes: list[PromptBox] = 
     stem = Path(image_path).with_suffix("")
     out_png = Path(out_png or f"{stem}_dinor1.png")
     out_json = Path(out_json or f"{stem}_dinor1.json")
-    drawn = draw_detections(image, kept, dict(enumerate(names)), score_threshold=threshold)
+    drawn = draw_detections(image, kept, dict(enumerate(names)), score_threshold=0.0)
     drawn.save(out_png)
     out_json.write_text(json.dumps(payload, indent=1))
     payload["files"] = [str(out_png), str(out_json)]

@@ -201,5 +201,8 @@ def export_final_model(model, state_dict, final_dir: str) -> Path:
     model.save_pretrained(target, state_dict)
     if remote:
         store.upload_dir(target, remote)
-    print(f"[train] final weights: {remote or target}", file=sys.stderr, flush=True)
+    from dinor1.console import is_verbose
+
+    if is_verbose():  # (quiet, the driver's last line names the run folder)
+        print(f"[train] final weights: {remote or target}", file=sys.stderr, flush=True)
     return target

@@ -91,8 +91,12 @@ class TrainingEngine:
 
 def build_engine(cfg: TrainConfig, class_names: dict[str, str] | None) -> TrainingEngine:
     """Model + objective + AdamW inside a DeepSpeed engine, ready to resume or train."""
+    from dinor1.console import quiet_deepspeed, quiet_train_worker
+
+    quiet_train_worker()  # (the first thing a worker does, before DeepSpeed is imported)
     import deepspeed
 
+    quiet_deepspeed()
     from dinor1.objectives.step import TrainingObjective
     from dinor1.train.optim import deepspeed_config, parameter_groups
     from dinor1.train.safe_load import use_weights_only_loading

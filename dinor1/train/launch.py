@@ -111,6 +111,9 @@ def start_or_join_ray(address: str | None = None) -> bool:
     from dinor1.local_cluster import loopback_only_ray
 
     loopback_only_ray()
+    # one machine, nothing to be preempted: no preemption watcher actor (a process per run, and
+    # a C++ error line about its restart arguments on the console)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(configure_logging=False)
     return True
 
@@ -243,9 +246,17 @@ def _datasets(cfg: TrainConfig, shards) -> tuple[dict, list[dict]]:
 
 
 def _trainer(cfg: TrainConfig, settings: WorkerSettings, datasets: dict, storage, name: str):
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from dinor1.console import is_verbose, worker_env
     from dinor1.train.loop import train_loop_per_worker
 
     sc = cfg.scaling
@@ -267,7 +278,11 @@ def _trainer(cfg: TrainConfig, settings: WorkerSettings, datasets: dict, storage
         run_config=RunConfig(
             name=name, storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpointing.num_to_keep),
-            failure_config=FailureConfig(max_failures=cfg.checkpointing.max_failures)),
+            failure_config=FailureConfig(max_failures=cfg.checkpointing.max_failures),
+            # quiet unless --verbose (dinor1/console.py): Ray Train's INFO logs (worker group
+            # start, each TrainingReport) stay in Ray's log files
+            logging_config=LoggingConfig(log_level="INFO" if is_verbose() else "WARNING"),
+            worker_runtime_env={"env_vars": worker_env()}),
     )
 
 
@@ -275,10 +290,13 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
     """Start (or resume) the job; returns Ray Train's Result."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from dinor1.config import local_output_dir
+    from dinor1.console import is_verbose, quiet_ray_data
     from dinor1.data.pipeline import open_shard_set
 
-    print("resolved config:\n" + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
-          file=sys.stderr)
+    if is_verbose():  # (always kept: <run folder>/resolved_config.yaml and an MLflow artifact)
+        print("resolved config:\n" + yaml.safe_dump(cfg.model_dump(mode="json"),
+                                                    sort_keys=False), file=sys.stderr)
+    quiet_ray_data()
     shards = open_shard_set(cfg.data.train_shards)  # fails early on a missing shard folder
     storage, name, uri = resolve_paths(cfg)
     changed = check_rerun(cfg, storage, name)  # one-line refusal before anything starts
@@ -303,6 +321,7 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
     result = _trainer(cfg, settings, datasets, storage, name).fit()
     if result.error is None:
         store.write_text(join(storage, name, FINISHED), f"{run_id}\n")
-    print(f"[train] MLflow run {run_id} at {uri}; checkpoints in {join(storage, name)}",
-          file=sys.stderr)
+    print(f"[train {name}] {'finished' if result.error is None else 'failed'}: run folder "
+          f"{join(storage, name)} (checkpoints, final_model, resolved_config.yaml); MLflow run "
+          f"{run_id} at {uri}", file=sys.stderr)
     return result

@@ -377,6 +377,79 @@ def gather_placements(rank: int, **extra) -> list[dict]:
     return everyone
 
 
+class ProgressLine:
+    """Rank 0's console line: step/total (percent), epoch, stage, loss, samples/s (averaged
+    since the previous line), ETA.
+
+    Quiet (the default), a line is printed at the first step of an attempt, then when a tenth
+    of the run's estimated time has passed since the last one (at least ``MIN_SECONDS``, at
+    most ``MAX_SECONDS``: about ten lines for a short run, one a minute for a long one), and at
+    the last step (a line due less than half an interval before it waits for it). With
+    ``--verbose``: every ``every_steps`` steps (``mlflow.log_every_steps``). The ETA counts from
+    the first step of this attempt (not the setup before it). The line is written to the
+    worker's stdout itself, so that Ray Train's print patch cannot print it twice
+    (``dinor1/console.py``).
+    """
+
+    MIN_SECONDS = 10.0
+    MAX_SECONDS = 60.0
+
+    def __init__(self, name: str, total_steps: int | None, *, every_steps: int = 10,
+                 verbose: bool | None = None, clock=time.monotonic, out=None):
+        from dinor1.console import is_verbose
+
+        self.name, self.total, self.every = name, total_steps, max(1, every_steps)
+        self.verbose = is_verbose() if verbose is None else verbose
+        self.clock, self.out = clock, out
+        self.first: tuple[int, float] | None = None  # (step, time) of this attempt's first step
+        self.last: tuple[int, float] | None = None  # of the last line printed
+
+    def due(self, step: int, now: float) -> bool:
+        if self.first is None or step == self.total:
+            return True
+        if self.verbose:
+            return step % self.every == 0
+        (first_step, first_time), interval = self.first, self.MAX_SECONDS
+        if self.total and step > first_step:
+            per_step = (now - first_time) / (step - first_step)
+            interval = min(self.MAX_SECONDS, max(self.MIN_SECONDS,
+                                                 per_step * (self.total - first_step) / 10))
+            if per_step * (self.total - step) < interval / 2:
+                return False  # the last step's line comes soon
+        return now - self.last[1] >= interval
+
+    def step(self, metrics: dict[str, float], step: int, *, epoch: int, stage: str) -> None:
+        now = self.clock()
+        if not self.due(step, now):
+            return
+        if self.first is None:
+            self.first = self.last = (step, now)
+        self.write(self.format(metrics, step, epoch=epoch, stage=stage, now=now))
+        self.last = (step, now)
+
+    def format(self, metrics: dict[str, float], step: int, *, epoch: int, stage: str,
+               now: float) -> str:
+        total = f"/{self.total} ({100 * step / self.total:.0f}%)" if self.total else ""
+        (first_step, first_time), (last_step, last_time) = self.first, self.last
+        rate = ""  # (none at the first step: it waited for the first batch)
+        if step > last_step and now > last_time:
+            per_step = metrics.get("train/samples_per_s", 0.0) * metrics.get(
+                "train/step_seconds", 0.0)  # samples in a step, all workers
+            samples_per_s = (per_step * (step - last_step) / (now - last_time) if per_step
+                             else metrics.get("train/samples_per_s", 0.0))
+            rate = f" {samples_per_s:.1f} samples/s"
+            if self.total:
+                left = max(0, self.total - step) * (now - first_time) / (step - first_step)
+                rate += f" eta {left / 60:.1f} min"
+        return (f"[train {self.name}] step {step}{total} epoch {epoch} {stage} "
+                f"loss {metrics.get('loss/total', float('nan')):.4f}{rate}")
+
+    def write(self, line: str) -> None:
+        out = self.out or sys.stdout
+        out.write(line + "\n")
+        out.flush()
+
+
 class RankZeroTracker:
     """Logs metrics and prints progress on rank 0; does nothing on other ranks.
 
@@ -392,8 +465,9 @@ class RankZeroTracker:
         self.rank = rank
         self.every = settings.train.mlflow.log_every_steps
         self.sync_seconds = settings.train.mlflow.final_sync_seconds
-        self.total_steps = settings.total_steps
-        self.started = time.time()
+        self.progress = ProgressLine(
+            str(settings.run_folder).rstrip("/").rsplit("/", 1)[-1] or "train",
+            settings.total_steps, every_steps=self.every)
         self.run_id = settings.mlflow_run_id
         self.sampler = None  # MLflow's SystemMetricsMonitor, once started
         self.sampler_lock = threading.Lock()
@@ -438,16 +512,13 @@ class RankZeroTracker:
             self.writer.set_tag(key, value)
 
     def log(self, metrics: dict[str, float], step: int, *, epoch: int, stage: str) -> None:
-        if self.rank != 0 or step % self.every:
+        """One step's metrics: to MLflow every ``mlflow.log_every_steps`` steps, and the
+        progress line when it is due (rank 0 only)."""
+        if self.rank != 0:
             return
-        eta = ""
-        if self.total_steps:
-            rate = (time.time() - self.started) / max(step, 1)
-            eta = f" eta {max(0, self.total_steps - step) * rate / 60:.1f} min"
-        print(f"[train] step {step}{f'/{self.total_steps}' if self.total_steps else ''} "
-              f"epoch {epoch} {stage} loss {metrics.get('loss/total', float('nan')):.4f} "
-              f"{metrics.get('train/samples_per_s', 0):.1f} samples/s{eta}", flush=True)
-        self.log_now(metrics, step)
+        self.progress.step(metrics, step, epoch=epoch, stage=stage)
+        if step % self.every == 0:
+            self.log_now(metrics, step)
 
     def log_now(self, metrics: dict[str, float], step: int) -> None:
         """Log regardless of the logging interval (rank 0 only)."""

@@ -1,12 +1,15 @@
-"""`dinor1 predict`: box prompts (same image or an exemplar), text prompts, and bad inputs."""
+"""`dinor1 predict`: box prompts (same image or an exemplar), text prompts, the default choice
+of detections and resolution, and bad inputs."""
 
 import json
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from dinor1.cli import main
+from dinor1.eval.predict import PER_PROMPT, best_per_prompt, duplicate
 from dinor1.model.dino_r1 import DinoR1
 from tests.helpers import write_image
 
@@ -62,6 +65,75 @@ def test_exemplar_image_and_text_prompts(model_dir, image, tmp_path):
     assert labels <= {"car", "traffic light"} and labels
 
 
+def _det(category: int, score: float, box: list[float]) -> dict:
+    return {"image_id": 0, "category_id": category, "score": score, "bbox": box}
+
+
+def test_best_per_prompt_keeps_the_best_distinct_boxes_of_each_prompt():
+    detections = [
+        _det(1, 0.40, [10, 10, 20, 20]),
+        _det(1, 0.38, [11, 11, 20, 20]),  # IoU 0.82 with the best: its duplicate
+        _det(1, 0.36, [12, 12, 8, 8]),  # wholly inside the best: a part of it
+        _det(1, 0.30, [60, 60, 20, 20]),  # another object of the same prompt
+        _det(1, 0.25, [90, 10, 20, 20]),
+        _det(1, 0.19, [10, 60, 20, 20]),  # under half the prompt's best (0.40)
+        _det(2, 0.05, [10, 10, 20, 20]),  # another prompt: judged against its own best
+        _det(2, 0.04, [60, 10, 20, 20]),
+    ]
+    kept = best_per_prompt(detections, per_prompt=5)
+    assert [(d["category_id"], d["score"]) for d in kept] == [
+        (1, 0.40), (1, 0.30), (1, 0.25), (2, 0.05), (2, 0.04)]
+    assert [d["score"] for d in best_per_prompt(detections, per_prompt=2)] == [
+        0.40, 0.30, 0.05, 0.04]
+    assert duplicate([11, 11, 20, 20], [10, 10, 20, 20])
+    assert duplicate([12, 12, 8, 8], [10, 10, 20, 20])
+    assert not duplicate([25, 10, 20, 20], [10, 10, 20, 20])  # IoU 0.14, a quarter inside
+
+
+def test_default_keeps_a_few_distinct_boxes_per_prompt(model_dir, image, tmp_path, capsys):
+    out = tmp_path / "d.json"
+    assert main(["predict", "--checkpoint", str(model_dir), "--short-side", "96",
+                 "--max-size", "96", "--image", str(image), "--box", "10,10,40,30:car",
+                 "--box", "5,40,30,78:person", "--json", str(out),
+                 "--out", str(tmp_path / "d.png")]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["threshold"] is None and payload["per_prompt"] == PER_PROMPT
+    by_label = {}
+    for det in payload["detections"]:
+        by_label.setdefault(det["label"], []).append(det)
+    assert set(by_label) == {"car", "person"}  # something shown for every prompt
+    for dets in by_label.values():
+        assert 1 <= len(dets) <= PER_PROMPT
+        best = max(d["score"] for d in dets)
+        assert all(d["score"] >= best / 2 for d in dets)
+        boxes = [[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in (d["box_xyxy"] for d in dets)]
+        assert not any(duplicate(a, b) for i, a in enumerate(boxes) for b in boxes[:i])
+    assert f"({f'best {PER_PROMPT} per prompt'})" in capsys.readouterr().out
+    # --threshold keeps every candidate above it instead
+    assert _predict(model_dir, "--image", str(image), "--box", "10,10,40,30:car",
+                    "--json", str(out), "--out", str(tmp_path / "d.png")) == 0
+    payload = json.loads(out.read_text())
+    assert payload["threshold"] == 0 and payload["per_prompt"] is None
+    assert len(payload["detections"]) == 5  # --top-k 5, all above 0
+
+
+def test_resolution_defaults_to_the_training_runs(model_dir, image, tmp_path):
+    run = tmp_path / "run"
+    (run / "final_model").mkdir(parents=True)
+    for path in model_dir.iterdir():
+        (run / "final_model" / path.name).write_bytes(path.read_bytes())
+    (run / "resolved_config.yaml").write_text(yaml.safe_dump(
+        {"data": {"eval_short_side": 64, "eval_max_size": 72}}))
+    out = tmp_path / "r.json"
+    assert main(["predict", "--checkpoint", str(run), "--image", str(image), "--box",
+                 "10,10,40,30", "--json", str(out), "--out", str(tmp_path / "r.png")]) == 0
+    assert json.loads(out.read_text())["resolution"] == {"short_side": 64, "max_size": 72}
+    assert main(["predict", "--checkpoint", str(run), "--image", str(image), "--box",
+                 "10,10,40,30", "--short-side", "48", "--max-size", "56", "--json", str(out),
+                 "--out", str(tmp_path / "r.png")]) == 0
+    assert json.loads(out.read_text())["resolution"] == {"short_side": 48, "max_size": 56}
+
+
 @pytest.mark.parametrize("args, message", [
     (["--image", "{missing}", "--box", "1,1,5,5"], "not found"),
     (["--image", "{garbage}", "--box", "1,1,5,5"], "not a readable image"),
@@ -70,6 +142,7 @@ def test_exemplar_image_and_text_prompts(model_dir, image, tmp_path):
     (["--image", "{image}", "--box", "10,10,30"], "expected x0,y0,x1,y1"),
     (["--image", "{image}"], "give prompt boxes (--box) or --text"),
     (["--image", "{image}", "--text", " . . "], "no class names"),
+    (["--image", "{image}", "--box", "1,1,5,5", "--per-prompt", "2"], "not both"),
 ])
 def test_bad_inputs_get_one_line_errors(model_dir, image, tmp_path, capsys, args, message):
     garbage = tmp_path / "garbage.jpg"
