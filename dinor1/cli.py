@@ -399,7 +399,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_mlflow(args) -> int:
-    from dinor1.train.tracking import spool_files, sync_spool
+    from dinor1.train.mlflow_writer import spool_files, sync_spool
 
     path = Path(args.path).expanduser()
     if not path.exists():

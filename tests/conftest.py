@@ -1,5 +1,6 @@
 """Shared fixtures. Environment first: loopback-only Ray, no auth tokens for the throwaway local
-clusters tests start, no MLflow telemetry."""
+clusters tests start, no MLflow telemetry, a faster Ray Train health check, and, under
+pytest-xdist (``make test`` runs two test processes), a Ray temp folder per test process."""
 
 import os
 
@@ -7,6 +8,18 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Ray Train's controller polls its workers every 2 s by default, so each short training run of
+# the tests waited up to 2 s after its last step before fit() returned; inherited by the Ray
+# clusters and CLIs the tests start
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# one machine: no preemption watcher actor (a Ray worker process per training run)
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # each test process its own Ray world: sessions, sockets and the "current cluster" file that
+    # `ray start` leaves (so a CLI started by one test process never joins the head another
+    # one's test started); short, Ray's unix socket paths are limited to 107 bytes
+    os.environ.setdefault("RAY_TMPDIR", f"/tmp/dinor1-{os.environ['PYTEST_XDIST_WORKER']}")
+    os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 
 import pytest  # noqa: E402
 
@@ -31,8 +44,16 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """On ``--device cuda`` only the tests that take the ``device`` fixture run (the rest has
-    nothing device-specific, and a bare GPU machine lacks Ray, DeepSpeed and MLflow)."""
+    """Modules with the most ``slow`` tests first (each module's tests stay together and in
+    order), so that ``pytest -n 2 --dist loadfile`` starts the long ones first and the short ones
+    fill in at the end. On ``--device cuda`` only the tests that take the ``device`` fixture run
+    (the rest has nothing device-specific, and a bare GPU machine lacks Ray, DeepSpeed and
+    MLflow)."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + (
+            item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])  # (stable)
     if config.getoption("--device") == "cpu":
         return
     selected = [item for item in items if "device" in getattr(item, "fixturenames", ())]

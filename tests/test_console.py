@@ -12,7 +12,7 @@ import pytest
 
 from dinor1 import console
 from dinor1.cli import build_parser
-from dinor1.train.tracking import ProgressLine
+from dinor1.train.progress import ProgressLine
 
 
 @pytest.fixture

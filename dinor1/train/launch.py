@@ -206,7 +206,7 @@ def _start_mlflow_run(cfg: TrainConfig, storage: Path | str, name: str, uri: str
     try:
         return mlflow_run(cfg, storage, name, uri)
     except Exception as exc:  # noqa: BLE001 - MLflow wraps connection errors in its own type
-        from dinor1.train.tracking import one_line, rejected
+        from dinor1.train.mlflow_writer import one_line, rejected
 
         if rejected(exc) or isinstance(exc, (UserError, OSError)):
             raise

@@ -13,7 +13,7 @@ import pytest
 
 from dinor1.cli import main
 from dinor1.config import load_train_config
-from dinor1.train.tracking import SPOOL_SUFFIX, MlflowWriter
+from dinor1.train.mlflow_writer import SPOOL_SUFFIX, MlflowWriter
 from tests.helpers import MlflowServer, synthetic_train_shards
 
 ROOT = Path(__file__).parents[2]

@@ -13,14 +13,9 @@ import pytest
 
 from dinor1.config import TrainConfig
 from dinor1.train.checkpoints import export_final_model
+from dinor1.train.mlflow_writer import SPOOL_SUFFIX, MlflowWriter, read_spool, sync_spool
 from dinor1.train.settings import WorkerSettings
-from dinor1.train.tracking import (
-    SPOOL_SUFFIX,
-    MlflowWriter,
-    RankZeroTracker,
-    read_spool,
-    sync_spool,
-)
+from dinor1.train.tracking import RankZeroTracker
 
 REQUEST_TIMEOUT = 2.0
 STEPS = 30
