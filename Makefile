@@ -28,7 +28,7 @@ demo: setup
 	$(BIN)/dinor1 demo --out demo_output
 
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check .

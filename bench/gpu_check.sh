@@ -55,7 +55,9 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...: run, keep its output, note a failu
     fi
 }
 shape=(--preset swin-t --height 800 --width 1333 --batch-size 4 --device cuda --bf16)
-stage tests 150 "$python" -m pytest -q -p no:cacheprovider --device cuda tests/model tests/objectives
+# (-o addopts: no pytest-xdist on a bare GPU machine, and one process for one GPU)
+stage tests 150 "$python" -m pytest -q -p no:cacheprovider -o addopts="-ra --strict-markers" \
+  --device cuda tests/model tests/objectives
 stage objective_steps 150 "$python" -m dinor1.bench.objective_steps "${shape[@]}" --steps 10 --warmup 3
 stage dense_300_boxes 90 "$python" -m dinor1.bench.objective_steps "${shape[@]}" --objects 300 \
     --steps 3 --warmup 1

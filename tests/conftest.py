@@ -1,6 +1,6 @@
 """Shared fixtures. Environment first: loopback-only Ray, no auth tokens for the throwaway local
 clusters tests start, no MLflow telemetry, a faster Ray Train health check, and, under
-pytest-xdist (``make test`` runs two test processes), a Ray temp folder per test process."""
+pytest-xdist (one test process per core, pyproject.toml), a Ray temp folder per test process."""
 
 import os
 
@@ -45,7 +45,7 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     """Modules with the most ``slow`` tests first (each module's tests stay together and in
-    order), so that ``pytest -n 2 --dist loadfile`` starts the long ones first and the short ones
+    order), so that the test processes (``-n auto --dist loadfile``, pyproject.toml) start the long ones first and the short ones
     fill in at the end. On ``--device cuda`` only the tests that take the ``device`` fixture run
     (the rest has nothing device-specific, and a bare GPU machine lacks Ray, DeepSpeed and
     MLflow)."""
@@ -59,6 +59,12 @@ def pytest_collection_modifyitems(config, items):
     selected = [item for item in items if "device" in getattr(item, "fixturenames", ())]
     config.hook.pytest_deselected(items=[item for item in items if item not in selected])
     items[:] = selected
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject.toml): one test process per core, at most 4 (each may start a Ray
+    cluster and a 2-worker training run); ``-n 0`` runs the tests in this process."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def pytest_report_header(config):

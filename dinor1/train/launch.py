@@ -199,10 +199,34 @@ def _record_attempt(cfg: TrainConfig, storage: Path | str, name: str, uri: str, 
               file=sys.stderr)
 
 
+def _connection_refused(uri: str) -> str | None:
+    """For an http(s) tracking URI whose host refuses a TCP connection to its port: why, in a
+    few words. None otherwise (another scheme, a server that accepts, or any other failure,
+    which MLflow's own requests then report)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return f"connection refused by {parts.hostname}:{port}"
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def _start_mlflow_run(cfg: TrainConfig, storage: Path | str, name: str, uri: str) -> str:
     """The run's MLflow run id; a tracking server that does not answer stops here, in one line.
     """
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # seconds, not minutes
+    refused = _connection_refused(uri)
+    if refused:  # (nothing listens: no point in MLflow's retries and their back-off)
+        raise UserError(f"mlflow.tracking_uri {uri}: the tracking server does not answer "
+                        f"({refused}); nothing was started")
     try:
         return mlflow_run(cfg, storage, name, uri)
     except Exception as exc:  # noqa: BLE001 - MLflow wraps connection errors in its own type

@@ -191,6 +191,23 @@ def test_unreachable_tracking_server_is_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_refused_connection_is_named_without_waiting_for_retries():
+    import socket
+
+    from dinor1.local_cluster import free_port
+    from dinor1.train.launch import _connection_refused
+
+    port = free_port()
+    assert _connection_refused(f"http://127.0.0.1:{port}") == (
+        f"connection refused by 127.0.0.1:{port}")
+    with socket.socket() as listening:  # accepts: left to MLflow's requests (and their timeout)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        assert _connection_refused(f"http://127.0.0.1:{listening.getsockname()[1]}") is None
+    assert _connection_refused("sqlite:///runs/mlflow.db") is None
+    assert _connection_refused("databricks") is None
+
+
 @pytest.mark.parametrize("gpus", ["2", "0.5"])
 def test_gpus_per_worker_other_than_one_is_refused(gpus):
     from dinor1.errors import UserError
