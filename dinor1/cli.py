@@ -304,18 +304,13 @@ def cmd_bench(args) -> int:
                             compile_backend=args.compile_backend)
         return 0
     from dinor1.bench.data_peer import run_peer_benchmark
-    from dinor1.bench.data_throughput import run_data_benchmark
+    from dinor1.bench.data_throughput import DataBenchOptions, run_data_benchmark
 
     run = run_peer_benchmark if args.peer else run_data_benchmark
-    run(
-        shards=args.shards,
-        num_images=args.num_images,
-        image_size=args.image_size,
-        num_cpus=args.num_cpus,
-        batch_size=args.batch_size,
-        repeats=args.repeats,
-        work_dir=args.work_dir,
-    )
+    run(DataBenchOptions(shards=args.shards, num_images=args.num_images,
+                         image_size=args.image_size, num_cpus=args.num_cpus,
+                         batch_size=args.batch_size, repeats=args.repeats,
+                         work_dir=args.work_dir))
     return 0
 
 

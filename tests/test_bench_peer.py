@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dinor1.bench.data_peer import peer_loader, run_peer_benchmark
-from dinor1.bench.data_throughput import synthetic_jpeg_shards
+from dinor1.bench.data_throughput import DataBenchOptions, synthetic_jpeg_shards
 from dinor1.config import DataConfig
 from dinor1.data.datasource import iter_shard_rows
 from dinor1.data.pipeline import collate_fn, open_shard_set
@@ -60,8 +60,9 @@ def test_dataloader_peer_yields_the_single_process_batches(shard_set, normalize)
 @pytest.mark.ray
 @pytest.mark.slow
 def test_peer_comparison_prints_both_rates_and_their_quotient(ray_cluster, tmp_path, capsys):
-    result = run_peer_benchmark(num_images=32, image_size=64, num_cpus=2, batch_size=4,
-                                repeats=1, work_dir=str(tmp_path), forms=("uint8",))
+    options = DataBenchOptions(num_images=32, image_size=64, num_cpus=2, batch_size=4,
+                               repeats=1, work_dir=str(tmp_path))
+    result = run_peer_benchmark(options, forms=("uint8",))
     out = capsys.readouterr().out
     figures = result["uint8"]
     ray_rate = figures["ray"]["samples_per_s"]

@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,9 +39,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dinor1.bench.data_throughput import (
     _FORMS,
+    DataBenchOptions,
     _ray_epoch,
     ray_node_cpu_seconds,
-    synthetic_jpeg_shards,
 )
 
 
@@ -228,37 +226,18 @@ def _add_cpu(total: dict[str, float] | None, cpu: dict[str, float] | None):
     return {k: total.get(k, 0.0) + v for k, v in cpu.items()}
 
 
-def run_peer_benchmark(
-    *,
-    shards: str | None = None,
-    num_images: int = 2000,
-    image_size: int = 384,
-    num_cpus: int | None = None,
-    batch_size: int = 16,
-    repeats: int = 2,
-    work_dir: str | None = None,
-    forms: tuple[str, ...] = ("uint8", "float"),
-) -> dict:
-    """Measures both sides (module docstring) on ``shards``, or on ``num_images`` synthetic
-    ``image_size`` JPEGs written under ``work_dir`` (default: a new temporary folder), and prints
-    the table. Uses the Ray this process already runs, if any (its datasets then limited to
-    ``num_cpus`` CPUs), else starts one with ``num_cpus`` CPUs and stops it at the end."""
+def run_peer_benchmark(options: DataBenchOptions = DataBenchOptions(), *,
+                       forms: tuple[str, ...] = ("uint8", "float")) -> dict:
+    """Measures both sides (module docstring) as ``options`` say, for the batch ``forms``, and
+    prints the table. Uses the Ray this process already runs, if any (its datasets then limited
+    to ``num_cpus`` CPUs), else starts one with ``num_cpus`` CPUs and stops it at the end."""
     import ray
 
-    from dinor1.config import DataConfig
-    from dinor1.data.pipeline import open_shard_set
-
-    num_cpus = num_cpus or os.cpu_count() or 1
+    num_cpus = options.cpus
     unknown = [f for f in forms if f not in _FORMS]
     if unknown or not forms:
         raise ValueError(f"forms must be among {sorted(_FORMS)}, got {forms}")
-    if shards is None:  # as dinor1 bench data: enough files to spread over the processes
-        work = Path(work_dir or tempfile.mkdtemp(prefix="dinor1-bench-"))
-        per_shard = max(1, -(-num_images // (4 * num_cpus)))
-        shards = synthetic_jpeg_shards(work, num_images, image_size, per_shard, num_cpus)
-    shard_set = open_shard_set(shards)
-    cfg = DataConfig(batch_size=batch_size, train_short_sides=[min(800, image_size)],
-                     train_max_size=1333, local_shuffle_buffer=0, prefetch_batches=4)
+    shard_set, cfg = options.shard_set(), options.data_config()
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -274,7 +253,7 @@ def run_peer_benchmark(
             ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
                      log_to_driver=False)
         try:
-            runs = _measure(shard_set, cfg, loaders, forms, num_cpus, repeats)
+            runs = _measure(shard_set, cfg, loaders, forms, num_cpus, options.repeats)
         finally:
             if own_ray:
                 ray.shutdown()
@@ -282,7 +261,7 @@ def run_peer_benchmark(
         if loaders is not None:
             loaders.close()
         torch.set_num_threads(threads)
-    return _report(shard_set, cfg, runs, num_cpus, image_size, repeats)
+    return _report(shard_set, cfg, runs, num_cpus, options.image_size, options.repeats)
 
 
 def _measure(shard_set, cfg, loaders: _Loaders, forms, num_cpus: int, repeats: int) -> dict:

@@ -36,6 +36,7 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -154,33 +155,53 @@ def _ray_epoch(ds, cfg, normalize: bool) -> tuple[int, float, float]:
 _FORMS = {"uint8": False, "float": True}  # batch form -> normalised in the collate
 
 
-def run_data_benchmark(
-    *,
-    shards: str | None = None,
-    num_images: int = 2000,
-    image_size: int = 384,
-    num_cpus: int | None = None,
-    batch_size: int = 16,
-    repeats: int = 2,
-    work_dir: str | None = None,
-) -> dict:
-    """Measures both sides (module docstring) on ``shards``, or on ``num_images`` synthetic
-    ``image_size`` JPEGs written under ``work_dir`` (default: a new temporary folder); prints the
-    figures and returns them."""
+@dataclass(frozen=True)
+class DataBenchOptions:
+    """What the data benchmarks run on: the shards at ``shards``, or ``num_images`` synthetic
+    ``image_size`` JPEGs written under ``work_dir`` (default: a new temporary folder); Ray with
+    ``num_cpus`` CPUs (default: this machine's); batches of ``batch_size``; ``repeats``
+    measured epochs per side and batch form."""
+
+    shards: str | None = None
+    num_images: int = 2000
+    image_size: int = 384
+    num_cpus: int | None = None
+    batch_size: int = 16
+    repeats: int = 2
+    work_dir: str | None = None
+
+    @property
+    def cpus(self) -> int:
+        return self.num_cpus or os.cpu_count() or 1
+
+    def shard_set(self):
+        """The shard set measured (the synthetic one written first when ``shards`` is None)."""
+        from dinor1.data.pipeline import open_shard_set
+
+        shards = self.shards
+        if shards is None:  # enough files to spread over the processes
+            work = Path(self.work_dir or tempfile.mkdtemp(prefix="dinor1-bench-"))
+            per_shard = max(1, -(-self.num_images // (4 * self.cpus)))
+            shards = synthetic_jpeg_shards(work, self.num_images, self.image_size, per_shard,
+                                           self.cpus)
+        return open_shard_set(shards)
+
+    def data_config(self):
+        """The data config measured: this image size, no local shuffle buffer (both sides read
+        the same order), 4 blocks fetched ahead."""
+        from dinor1.config import DataConfig
+
+        return DataConfig(batch_size=self.batch_size, train_short_sides=[min(800, self.image_size)],
+                          train_max_size=1333, local_shuffle_buffer=0, prefetch_batches=4)
+
+
+def run_data_benchmark(options: DataBenchOptions = DataBenchOptions()) -> dict:
+    """Measures both sides (module docstring) as ``options`` say; prints the figures and
+    returns them."""
     import ray
 
-    from dinor1.config import DataConfig
-    from dinor1.data.pipeline import open_shard_set
-
-    num_cpus = num_cpus or os.cpu_count() or 1
-    if shards is None:
-        work = Path(work_dir or tempfile.mkdtemp(prefix="dinor1-bench-"))
-        per_shard = max(1, -(-num_images // (4 * num_cpus)))  # enough files to spread over cores
-        shards = synthetic_jpeg_shards(work, num_images, image_size, per_shard, num_cpus)
-    shard_set = open_shard_set(shards)
-    side = min(800, image_size)
-    cfg = DataConfig(batch_size=batch_size, train_short_sides=[side], train_max_size=1333,
-                     local_shuffle_buffer=0, prefetch_batches=4)
+    num_cpus, repeats = options.cpus, options.repeats
+    shard_set, cfg = options.shard_set(), options.data_config()
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -197,7 +218,8 @@ def run_data_benchmark(
             ray.shutdown()
     finally:
         torch.set_num_threads(threads)
-    result = _throughput_report(shard_set, cfg, single, pipeline, num_cpus, image_size, repeats)
+    result = _throughput_report(shard_set, cfg, single, pipeline, num_cpus, options.image_size,
+                                repeats)
     _cpu_report(result, single_cpu, ray_cpu["uint8"], pipeline["uint8"], repeats)
     return result
 
