@@ -27,8 +27,13 @@ from collections.abc import Iterator
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
+from dinor1.data.executor_limits import refresh_limits_sooner
 from dinor1.data.quality import skip_error
 from dinor1.data_pipelines.shard_format import IMAGE_EXTENSIONS, REFUSED_EXTENSIONS
+
+# here, so that it also runs where a dataset of ours is unpickled to run (Ray Train's split
+# coordinator): see dinor1.data.executor_limits
+refresh_limits_sooner()
 
 _CHUNK_ROWS = 64
 _IMAGE_EXT_ALIASES = {"jpeg": "jpg"}
