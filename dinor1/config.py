@@ -62,6 +62,11 @@ class DataConfig(StrictModel):
     # epoch's Ray Data execution (~0.45 s to its first batch on a 2-core machine) starts while
     # these train (dinor1.data.epochs); 0 = iterate Ray's iterator directly
     epoch_lookahead_batches: int = Field(4, ge=0)
+    # decode in the read tasks (one per shard: no second operator, a shard's first decoded
+    # block out after a few dozen samples) or in a map stage of its own (tasks of a block of
+    # read rows each: more parallel than the shards when a few large shards meet many CPUs);
+    # "auto" = in the read tasks when the shards are at least as many as the cluster's CPUs
+    decode_in_read: bool | Literal["auto"] = "auto"
     decode_concurrency: int | None = Field(None, gt=0)
     decode_num_cpus: float = Field(1.0, gt=0)
     decode_batch_size: int = Field(32, gt=0)

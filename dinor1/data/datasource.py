@@ -25,6 +25,7 @@ import tarfile
 from collections.abc import Iterator
 
 import pyarrow as pa
+from ray.data.block import BlockAccessor
 from ray.data.datasource import FileBasedDatasource
 
 from dinor1.data.executor_limits import refresh_limits_sooner
@@ -124,11 +125,25 @@ def iter_shard_rows(fileobj, url: str) -> Iterator[dict]:
 
 
 class ShardDatasource(FileBasedDatasource):
-    """Reads ``shard-*.tar`` files (local paths or ``s3://``/``gs://`` URIs via pyarrow)."""
+    """Reads ``shard-*.tar`` files (local paths or ``s3://``/``gs://`` URIs via pyarrow).
+
+    Without ``decode`` it yields the rows above. With ``decode`` (a
+    :class:`~dinor1.data.transforms.DecodeSample`) each read task decodes its rows as it reads
+    them and yields a decoded block as soon as its images hold ``block_bytes`` (Ray's target
+    block size, so each block is one Arrow chunk): the first block of a shard is out after a
+    few dozen samples, not after the whole shard, and there is no second operator.
+    """
 
     _FILE_EXTENSIONS = ["tar"]
 
+    def __init__(self, paths, *, decode=None, block_bytes: int = 16 * 2**20, **kwargs):
+        super().__init__(paths, **kwargs)
+        self._decode, self._block_bytes = decode, block_bytes
+
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        if self._decode is not None:
+            yield from self._decoded_blocks(f, path)
+            return
         rows = []
         for row in iter_shard_rows(f, path):
             rows.append(row)
@@ -137,6 +152,18 @@ class ShardDatasource(FileBasedDatasource):
                 rows = []
         if rows:
             yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+    def _decoded_blocks(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        rows, size = [], 0
+        for row in iter_shard_rows(f, path):
+            rows.append(self._decode.decode_row(row))
+            size += rows[-1]["image"].nbytes
+            if size >= self._block_bytes:
+                yield BlockAccessor.batch_to_block(self._decode.columns(rows))
+                rows, size = [], 0
+        if rows:
+            yield BlockAccessor.batch_to_block(self._decode.columns(rows))
 
 
 ROW_SCHEMA = pa.schema(

@@ -102,30 +102,55 @@ def open_shard_set(locations: str | list[str]) -> ShardSet:
 def detection_dataset(
     locations: str | list[str] | ShardSet, cfg: DataConfig, *, train: bool
 ) -> ray.data.Dataset:
-    """A Ray Dataset of decoded samples (see :class:`~dinor1.data.transforms.DecodeSample`)."""
+    """A Ray Dataset of decoded samples (see :class:`~dinor1.data.transforms.DecodeSample`).
+
+    Decoded in the read tasks, one per shard (``cfg.decode_in_read``; "auto": when there are at
+    least as many shards as the cluster has CPUs), else in a ``map_batches`` stage of its own
+    whose tasks each take a block of read rows.
+    """
     shard_set = locations if isinstance(locations, ShardSet) else open_shard_set(locations)
     shuffle = None
     if train and cfg.shuffle_files:  # with preserve_order: the same file order every epoch, so
         # an attempt restarted mid-run (its first execution) reads what the lost one would have
         shuffle = FileShuffleConfig(seed=cfg.seed, reseed_after_execution=not cfg.preserve_order)
-    source = ShardDatasource(shard_set.paths, filesystem=shard_set.filesystem, shuffle=shuffle)
-    # One read task per shard file: the datasource already streams small blocks (64 rows), and
-    # letting Ray split reads further (its default on small clusters) halved throughput here.
-    context = ray.data.DataContext.get_current()
-    default_block_size = context.target_max_block_size
-    context.target_max_block_size = int(cfg.block_megabytes * 2**20)
-    try:  # a Dataset keeps a copy of the context it was created under
-        ds = ray.data.read_datasource(source, override_num_blocks=len(shard_set.paths))
-    finally:
-        context.target_max_block_size = default_block_size
     decode = DecodeSample(
         short_side=max(cfg.train_short_sides) if train else cfg.eval_short_side,
         max_size=cfg.train_max_size if train else cfg.eval_max_size,
         category_ids=shard_set.category_ids,
         keep_crowd=cfg.keep_crowd,
     )
+    block_bytes = int(cfg.block_megabytes * 2**20)
+    if _decodes_in_read(cfg, len(shard_set.paths)):
+        source = ShardDatasource(shard_set.paths, filesystem=shard_set.filesystem,
+                                 shuffle=shuffle, decode=decode, block_bytes=block_bytes)
+        return _read(source, len(shard_set.paths), block_bytes, num_cpus=cfg.decode_num_cpus,
+                     concurrency=cfg.decode_concurrency)
+    source = ShardDatasource(shard_set.paths, filesystem=shard_set.filesystem, shuffle=shuffle)
+    ds = _read(source, len(shard_set.paths), block_bytes)
     return ds.map_batches(decode, batch_size=cfg.decode_batch_size, batch_format="numpy",
                           num_cpus=cfg.decode_num_cpus, concurrency=cfg.decode_concurrency)
+
+
+def _decodes_in_read(cfg: DataConfig, num_shards: int) -> bool:
+    """Whether the read tasks decode: a read task per shard caps the decode's parallelism at
+    the shard count, so "auto" decodes there only when that is no cap on this cluster."""
+    if cfg.decode_in_read != "auto":
+        return cfg.decode_in_read
+    cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
+    return num_shards >= cpus
+
+
+def _read(source: ShardDatasource, num_shards: int, block_bytes: int,
+          **read_args) -> ray.data.Dataset:
+    """One read task per shard file: the datasource already streams small blocks, and letting
+    Ray split reads further (its default on small clusters) halved throughput here."""
+    context = ray.data.DataContext.get_current()
+    default_block_size = context.target_max_block_size
+    context.target_max_block_size = block_bytes
+    try:  # a Dataset keeps a copy of the context it was created under
+        return ray.data.read_datasource(source, override_num_blocks=num_shards, **read_args)
+    finally:
+        context.target_max_block_size = default_block_size
 
 
 def collate_fn(cfg: DataConfig, *, train: bool, epoch: int = 0,

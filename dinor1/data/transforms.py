@@ -104,8 +104,13 @@ class DecodeSample:
         self.keep_crowd = keep_crowd
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [self.decode_row({k: v[i] for k, v in batch.items()})
-                for i in range(len(batch["__key__"]))]
+        return self.columns([self.decode_row({k: v[i] for k, v in batch.items()})
+                             for i in range(len(batch["__key__"]))])
+
+    @staticmethod
+    def columns(rows: list[dict]) -> dict[str, np.ndarray]:
+        """Decoded rows -> the numpy batch (one array per column; arrays of varying shape in
+        an object array) that Ray Data turns into a block."""
         out = {}
         for name in rows[0] if rows else ():
             column = [r[name] for r in rows]

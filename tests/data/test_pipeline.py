@@ -1,6 +1,7 @@
 """Shards -> Ray Data -> batches, on a real local Ray cluster."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from dinor1.config import DataConfig
 from dinor1.data.collate import DetectionCollateFn, split_targets
 from dinor1.data.pipeline import detection_dataset, iter_detection_batches, open_shard_set
+from dinor1.data.quality import decode_errors
 from dinor1.data_pipelines.converters import load_coco
 from dinor1.data_pipelines.shard_writer import write_shards
 from dinor1.errors import UserError
@@ -201,6 +203,31 @@ def test_device_normalisation_and_block_size(ray_cluster, tmp_path):
         assert a["image_ids"].tolist() == b["image_ids"].tolist()
         torch.testing.assert_close(a["pixel_values"], b["pixel_values"], rtol=0, atol=0)
         torch.testing.assert_close(a["pixel_mask"], b["pixel_mask"], rtol=0, atol=0)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_decoding_in_the_read_tasks_gives_the_map_stage_batches(ray_cluster, tmp_path, train):
+    """The same batches, corrupt samples skipped and counted alike, wherever the decode runs."""
+    shards = _shards(tmp_path, num_images=15, per_shard=5)
+    _corrupt_shard(shards / "shard-000001.tar", tmp_path)
+    by_stage = {}
+    for in_read in (True, False):
+        cfg = DataConfig(**{**CFG, "decode_in_read": in_read, "shuffle_files": False,
+                            "local_shuffle_buffer": 0, "preserve_order": True})
+        ds = detection_dataset(str(shards), cfg, train=train)
+        assert ("MapBatches" in str(ds)) != in_read  # one operator when the read decodes
+        ds.context.execution_options.preserve_order = True
+        by_stage[in_read] = list(iter_detection_batches(ds, cfg, train=train, device="cpu"))
+    assert sum(int(b["num_skipped"]) for b in by_stage[True]) == 3
+    assert len(by_stage[True]) == len(by_stage[False]) == 4  # 16 rows, 3 of them skipped
+    for a, b in zip(by_stage[True], by_stage[False]):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"skipped_errors"}:
+            assert torch.equal(a[key], b[key]), key
+        # PIL's message names the address of the BytesIO it was given
+        assert ([re.sub(r" at 0x[0-9a-f]+", "", e) for e in decode_errors(a["skipped_errors"])]
+                == [re.sub(r" at 0x[0-9a-f]+", "", e) for e in decode_errors(b["skipped_errors"])])
 
 
 @pytest.mark.ray
