@@ -187,12 +187,12 @@ class DataBenchOptions:
         return open_shard_set(shards)
 
     def data_config(self):
-        """The data config measured: this image size, no local shuffle buffer (both sides read
-        the same order), 4 blocks fetched ahead."""
+        """The training data config at this image size (its other settings as training's
+        defaults), without the local shuffle buffer: both sides read the same order."""
         from dinor1.config import DataConfig
 
         return DataConfig(batch_size=self.batch_size, train_short_sides=[min(800, self.image_size)],
-                          train_max_size=1333, local_shuffle_buffer=0, prefetch_batches=4)
+                          train_max_size=1333, local_shuffle_buffer=0)
 
 
 def run_data_benchmark(options: DataBenchOptions = DataBenchOptions()) -> dict:
