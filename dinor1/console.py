@@ -92,6 +92,9 @@ def quiet_env() -> dict[str, str]:
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
         "RAY_DATA_LOGGING_CONFIG": str(_ray_data_logging_file()),
         "RAY_DEDUP_LOGS": "1",
+        # worker lines without Ray's coloured "(RayTrainWorker pid=...)" prefix: dinor1's own
+        # lines name their source ("[train NAME]"); read by the driver when it imports Ray
+        "RAY_DISABLE_WORKER_LOG_PREFIX": "1",
         "TRANSFORMERS_VERBOSITY": "error",
         "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
         "MLFLOW_LOGGING_LEVEL": "WARNING",

@@ -14,6 +14,11 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # one machine: no preemption watcher actor (a Ray worker process per training run)
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# the S3 stand-in's (moto's) credentials, in the environment of every process of the shared Ray
+# cluster as instance roles would give them on a cloud cluster (tests/train/test_object_storage.py)
+for _key, _value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    os.environ.setdefault(_key, _value)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # each test process its own Ray world: sessions, sockets and the "current cluster" file that
     # `ray start` leaves (so a CLI started by one test process never joins the head another
@@ -89,6 +94,13 @@ def ray_cluster():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_address(ray_cluster) -> str:
+    """The shared cluster's address, for a ``dinor1`` command run as a subprocess
+    (``--address``): it joins that cluster rather than starting a Ray of its own."""
+    return ray_cluster.get_runtime_context().gcs_address
 
 
 @pytest.fixture

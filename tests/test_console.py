@@ -44,6 +44,7 @@ def test_quiet_by_default_and_verbose_leaves_the_libraries_alone(restored, monke
     assert not console.is_verbose()
     assert os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"
     assert os.environ["TRANSFORMERS_VERBOSITY"] == "error"
+    assert os.environ["RAY_DISABLE_WORKER_LOG_PREFIX"] == "1"
     filters = os.environ["PYTHONWARNINGS"].split(",")
     assert filters[-1] == "error::UserWarning"  # the user's own filters still win
     assert len(filters) == len(console.NOISY_WARNINGS) + 1

@@ -7,6 +7,8 @@ groups of ``train/optim.py`` and the DeepSpeed config generated there.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +91,24 @@ class TrainingEngine:
         return unwrap(self.engine)
 
 
+@contextlib.contextmanager
+def _no_compile_decorators():
+    """``torch.compile`` decorators made plain for a while (``TORCHDYNAMO_DISABLE=1``, which
+    torch reads when it decorates). For ``deepspeed.initialize``: its ZeRO optimizer check imports
+    DeepSpeed's Muon optimizer, whose module-level ``torch.compile`` decorators import torch's
+    inductor, ~2 CPU-seconds in every worker of every run; dinor1 never uses Muon. The model's own
+    ``model.compile`` is applied before (:func:`build_model`) and is not affected."""
+    before = os.environ.get("TORCHDYNAMO_DISABLE")
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCHDYNAMO_DISABLE", None)
+        else:
+            os.environ["TORCHDYNAMO_DISABLE"] = before
+
+
 def build_engine(cfg: TrainConfig, class_names: dict[str, str] | None) -> TrainingEngine:
     """Model + objective + AdamW inside a DeepSpeed engine, ready to resume or train."""
     from dinor1.console import quiet_deepspeed, quiet_train_worker
@@ -109,9 +129,10 @@ def build_engine(cfg: TrainConfig, class_names: dict[str, str] | None) -> Traini
         groups.append({"params": list(wrapped.contrastive.parameters()), "lr": cfg.optimizer.lr,
                        "weight_decay": 0.0, "name": "contrastive"})
     optimizer = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=cfg.optimizer.betas)
-    engine, optimizer, _, _ = deepspeed.initialize(args=engine_device_args(cfg), model=wrapped,
-                                                   optimizer=optimizer,
-                                                   config=deepspeed_config(cfg))
+    with _no_compile_decorators():
+        engine, optimizer, _, _ = deepspeed.initialize(args=engine_device_args(cfg), model=wrapped,
+                                                       optimizer=optimizer,
+                                                       config=deepspeed_config(cfg))
     if wrapped.class_text is not None:  # (a plain dict: the engine did not move it)
         wrapped.class_text = {k: v.to(engine.device) for k, v in wrapped.class_text.items()}
     use_weights_only_loading(engine)  # resuming never unpickles code

@@ -63,10 +63,11 @@ def test_nonfinite_losses_are_skipped_counted_and_logged(ray_cluster, shards, tm
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_consecutive_nonfinite_losses_stop_the_run(ray_cluster, shards, tmp_path):
+def test_consecutive_nonfinite_losses_stop_the_run(ray_address, shards, tmp_path):
     # through the CLI: exit 1 and one line naming the cause and the last good checkpoint
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "dinor1"), "train", str(ROOT / "jobs" / "demo.yaml"),
+         "--address", ray_address,
          f"data.train_shards={shards}", "data.train_short_sides=[96]", "data.train_max_size=96",
          "stages.max_steps_per_epoch=8", "stages.sft_epochs=1", "stages.grqo_epochs=0",
          "checkpointing.every_steps=2", f"checkpointing.storage_path={tmp_path}",

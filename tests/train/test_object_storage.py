@@ -38,10 +38,11 @@ def test_object_store_storage_needs_a_tracking_server(monkeypatch):
     assert storage.join(location, name, "x") == "s3://bucket/runs/r/x?endpoint_override=h:1"
 
 
-def _train(tmp_path, location: str, tracking: str, *extra: str):
+def _train(tmp_path, address: str, location: str, tracking: str, *extra: str):
     env = subprocess_env(**CREDENTIALS)
     return subprocess.run(
-        [str(BIN / "dinor1"), "train", "jobs/demo.yaml", f"data.train_shards={tmp_path / 'shards'}",
+        [str(BIN / "dinor1"), "train", "jobs/demo.yaml", "--address", address,
+         f"data.train_shards={tmp_path / 'shards'}",
          "data.train_short_sides=[96]", "data.train_max_size=96", "stages.max_steps_per_epoch=2",
          "stages.grqo_epochs=0", "checkpointing.every_steps=2",
          f"checkpointing.storage_path={location}", f"mlflow.tracking_uri={tracking}",
@@ -51,7 +52,8 @@ def _train(tmp_path, location: str, tracking: str, *extra: str):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_training_checkpoints_to_s3_and_branches_from_there(tmp_path, s3_server, monkeypatch):
+def test_training_checkpoints_to_s3_and_branches_from_there(tmp_path, s3_server, monkeypatch,
+                                                           ray_address):
     for key, value in CREDENTIALS.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("DINOR1_CACHE", str(tmp_path / "cache"))
@@ -62,7 +64,7 @@ def test_training_checkpoints_to_s3_and_branches_from_there(tmp_path, s3_server,
     location = f"s3://bucket/runs?{query}"
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
-    first = _train(tmp_path, location, tracking, "stages.sft_epochs=2", "mlflow.run_name=first")
+    first = _train(tmp_path, ray_address, location, tracking, "stages.sft_epochs=2", "mlflow.run_name=first")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
     run_folder = storage.join(location, "first")
     run_id = storage.read_text(storage.join(run_folder, "mlflow_run_id")).strip()
@@ -72,7 +74,7 @@ def test_training_checkpoints_to_s3_and_branches_from_there(tmp_path, s3_server,
     assert len(checkpoints) == 2  # steps 2 and 4 (num_to_keep 2)
     assert not (tmp_path / "runs").exists() and not (ROOT / "bucket").exists()
 
-    branch = _train(tmp_path, location, tracking, "stages.sft_epochs=3",
+    branch = _train(tmp_path, ray_address, location, tracking, "stages.sft_epochs=3",
                     "mlflow.run_name=branch", f"checkpointing.start_from={run_folder}")
     assert branch.returncode == 0, branch.stdout[-2000:] + branch.stderr[-4000:]
     client = mlflow.MlflowClient(tracking)

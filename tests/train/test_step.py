@@ -129,3 +129,26 @@ def test_step_timer_splits_waiting_from_computing():
     assert 0.0 < metrics["train/data_wait_fraction_steady"] < metrics["train/data_wait_fraction"]
     assert metrics["train/compute_seconds"] >= 0.02
     assert metrics["train/samples_per_s"] == pytest.approx(4 / metrics["train/step_seconds"])
+
+
+@pytest.mark.parametrize("before", [None, "0"])
+def test_compile_decorators_are_plain_while_deepspeed_initializes(monkeypatch, before):
+    """``build_engine`` wraps ``deepspeed.initialize`` in ``_no_compile_decorators``: the
+    ``torch.compile`` decorators of DeepSpeed's Muon module (imported by its ZeRO optimizer check)
+    return the function itself instead of importing torch's inductor; the environment is put
+    back afterwards."""
+    import os
+
+    from dinor1.train.engine import _no_compile_decorators
+
+    if before is None:
+        monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    else:
+        monkeypatch.setenv("TORCHDYNAMO_DISABLE", before)
+
+    def plain(x):
+        return x + 1
+
+    with _no_compile_decorators():
+        assert torch.compile(plain) is plain
+    assert os.environ.get("TORCHDYNAMO_DISABLE") == before

@@ -64,13 +64,14 @@ def test_zero3_grqo_step_with_reference(ray_cluster, shards, tmp_path):
     partitioned model."""
     from dinor1.train.launch import run_training
 
+    val = synthetic_train_shards(tmp_path / "val", 40, 10)  # (a short evaluation)
     cfg = load_train_config(ROOT / "jobs" / "demo.yaml", [
         f"data.train_shards={shards}", "data.train_short_sides=[96]", "data.train_max_size=96",
         "deepspeed.zero_stage=3", "deepspeed.precision=bf16",
         "stages.sft_epochs=0", "stages.grqo_epochs=1",
         "stages.max_steps_per_epoch=2", f"checkpointing.storage_path={tmp_path}",
-        "mlflow.log_every_steps=1", "eval.every_epochs=1", f"data.val_shards={shards}",
-        f"eval.support_shards={shards}", "data.eval_short_side=96", "data.eval_max_size=96",
+        "mlflow.log_every_steps=1", "eval.every_epochs=1", f"data.val_shards={val}",
+        f"eval.support_shards={val}", "data.eval_short_side=96", "data.eval_max_size=96",
         "eval.prompts_per_class=2",
     ])
     result = run_training(cfg)
@@ -79,7 +80,7 @@ def test_zero3_grqo_step_with_reference(ray_cluster, shards, tmp_path):
     run_id = (tmp_path / "demo" / "mlflow_run_id").read_text().strip()
     evaluated = client.get_metric_history(run_id, "eval/generic/AP")
     assert len(evaluated) == 1 and 0.0 <= evaluated[0].value <= 1.0
-    assert client.get_metric_history(run_id, "eval/images")[0].value == 240
+    assert client.get_metric_history(run_id, "eval/images")[0].value == 40
     grqo = client.get_metric_history(run_id, "loss/grqo")
     assert len(grqo) == 2 and all(m.value == m.value for m in grqo)
     assert client.get_metric_history(run_id, "reference/param_megabytes")[0].value > 0
