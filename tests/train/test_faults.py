@@ -1,6 +1,7 @@
 """Faults during training, rehearsed on the real stack (Ray Train, DeepSpeed ZeRO-2 over gloo,
 MLflow on sqlite): a non-finite loss is skipped on every worker, counted and logged; too many in
-a row stop the run with a clear message and a checkpoint from before them."""
+a row stop the run with a clear message and a checkpoint from before them. Two runs rehearse
+every drill: ZeRO-2 in this process, ZeRO-0 through the CLI."""
 
 import json
 import subprocess
@@ -19,7 +20,7 @@ ROOT = Path(__file__).parents[2]
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("faults")
-    return synthetic_train_shards(out, 64, 16)
+    return synthetic_train_shards(out, 80, 8)  # 10 batches of 4 per worker
 
 
 def _config(shards, tmp_path, *extra):
@@ -39,39 +40,53 @@ def _history(tmp_path, name):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_nonfinite_losses_are_skipped_counted_and_logged(ray_cluster, shards, tmp_path):
+def test_nonfinite_losses_and_gradients_are_skipped_counted_and_logged(ray_cluster, shards,
+                                                                       tmp_path):
+    """ZeRO-2, rank 0 only: NaN gradients with a finite loss at the 2nd and 6th batches
+    (DeepSpeed's own overflow check, across ranks), a NaN loss at the 4th, NaN logits inside the
+    8th batch's forward (the Hungarian matching sees them first and must not raise); every
+    worker skips each of them together (with the visual-text contrastive loss on: the shards'
+    class names, the text encoder), the weights stay finite and every skip is counted."""
     from dinor1.train.launch import run_training
 
-    # rank 0 only: a NaN loss at the 3rd batch, NaN logits inside the 6th batch's forward (the
-    # Hungarian matching sees them first and must not raise); every worker skips both together
-    # (with the visual-text contrastive loss on: the shards' class names, the text encoder)
-    result = run_training(_config(shards, tmp_path, "faults.inject_nonfinite_batches=[3]",
-                                  "faults.inject_nonfinite_logits_batches=[6]",
+    result = run_training(_config(shards, tmp_path, "faults.inject_nonfinite_grad_batches=[2,6]",
+                                  "faults.inject_nonfinite_batches=[4]",
+                                  "faults.inject_nonfinite_logits_batches=[8]",
                                   "objectives.contrastive=true"))
     assert result.error is None
-    contrastive = _history(tmp_path, "loss/contrastive")
-    assert [s for s, _ in contrastive] == [1, 2, 3, 4, 5, 6]
-    assert _history(tmp_path, "train/nonfinite_steps") == [(3, 1.0), (5, 2.0)]
+    # 10 batches, 4 skipped: 6 optimiser steps, all finite; a skip is logged at the step it
+    # would have been
     losses = _history(tmp_path, "loss/total")
-    # 8 batches, 2 skipped: 6 optimiser steps, all finite
     assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
     assert all(v == v and abs(v) != float("inf") for _, v in losses)
+    assert [s for s, _ in _history(tmp_path, "loss/contrastive")] == [1, 2, 3, 4, 5, 6]
+    assert _history(tmp_path, "train/nonfinite_grad_steps") == [(2, 1.0), (4, 2.0)]
+    assert _history(tmp_path, "train/nonfinite_loss_steps") == [(3, 1.0), (5, 2.0)]
+    assert _history(tmp_path, "train/nonfinite_steps") == [(2, 1.0), (3, 2.0), (4, 3.0),
+                                                           (5, 4.0)]
+    checksums = _history(tmp_path, "checkpoint/weights_checksum")
+    assert checksums and all(v == v and abs(v) != float("inf") for _, v in checksums)
     state = json.loads(sorted(p for p in (tmp_path / "demo").glob("checkpoint_*/trainer_state.json")
                               )[-1].read_text())
-    assert state["step"] == 6 and state["nonfinite_steps"] == 2
+    assert state["step"] == 6 and state["nonfinite_steps"] == 4
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_consecutive_nonfinite_losses_stop_the_run(ray_address, shards, tmp_path):
-    # through the CLI: exit 1 and one line naming the cause and the last good checkpoint
+def test_zero0_skips_nonfinite_gradients_and_consecutive_ones_stop_the_run(ray_address, shards,
+                                                                           tmp_path):
+    """ZeRO-0 (dinor1's own check of the all-reduced gradients): NaN gradients on rank 0 only
+    at the 2nd and 5th batches are skipped on every rank; then 3 non-finite losses in a row
+    stop the run, through the CLI: exit 1 and one line naming the cause and the last good
+    checkpoint."""
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "dinor1"), "train", str(ROOT / "jobs" / "demo.yaml"),
          "--address", ray_address,
          f"data.train_shards={shards}", "data.train_short_sides=[96]", "data.train_max_size=96",
-         "stages.max_steps_per_epoch=8", "stages.sft_epochs=1", "stages.grqo_epochs=0",
+         "stages.max_steps_per_epoch=10", "stages.sft_epochs=1", "stages.grqo_epochs=0",
          "checkpointing.every_steps=2", f"checkpointing.storage_path={tmp_path}",
-         "mlflow.log_every_steps=1", "faults.inject_nonfinite_batches=[5,6,7,8]",
+         "mlflow.log_every_steps=1", "deepspeed.zero_stage=0",
+         "faults.inject_nonfinite_grad_batches=[2,5]", "faults.inject_nonfinite_batches=[7,8,9,10]",
          "faults.max_consecutive_nonfinite=3"],
         capture_output=True, text=True, timeout=540)
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -82,30 +97,15 @@ def test_consecutive_nonfinite_losses_stop_the_run(ray_address, shards, tmp_path
     assert "NonFiniteLossError" in last and "Traceback" not in last
     assert "3 consecutive non-finite losses or gradients after step 4" in last
     assert "last good checkpoint is the newest one in the run folder (step 4)" in last
+    # the skipped gradients: counted, the weights finite
+    assert _history(tmp_path, "train/nonfinite_grad_steps") == [(2, 1.0), (4, 2.0)]
+    losses = _history(tmp_path, "loss/total")
+    assert [s for s, _ in losses] == [1, 2, 3, 4]
+    assert all(v == v and abs(v) != float("inf") for _, v in losses)
+    checksums = _history(tmp_path, "checkpoint/weights_checksum")
+    assert checksums and all(v == v and abs(v) != float("inf") for _, v in checksums)
     # the newest checkpoint is the last good one: step 4, written before the bad steps
     states = [json.loads(p.read_text())
               for p in (tmp_path / "demo").glob("checkpoint_*/trainer_state.json")]
     assert max(s["step"] for s in states) == 4
-    assert _history(tmp_path, "train/nonfinite_steps")[-1] == (5, 3.0)
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [0, 2])
-def test_nonfinite_gradients_with_a_finite_loss_are_skipped(ray_cluster, shards, tmp_path,
-                                                            zero_stage):
-    """NaN gradients on rank 0 only, the loss finite: ZeRO-2 (DeepSpeed's own overflow check,
-    across ranks) and ZeRO-0 (dinor1's check of the all-reduced gradients) both skip the
-    optimiser step on every rank; the weights stay finite and the steps are counted."""
-    from dinor1.train.launch import run_training
-
-    result = run_training(_config(shards, tmp_path, f"deepspeed.zero_stage={zero_stage}",
-                                  "faults.inject_nonfinite_grad_batches=[2,5]"))
-    assert result.error is None
-    assert _history(tmp_path, "train/nonfinite_grad_steps") == [(2, 1.0), (4, 2.0)]
-    assert _history(tmp_path, "train/nonfinite_steps") == [(2, 1.0), (4, 2.0)]
-    losses = _history(tmp_path, "loss/total")
-    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
-    assert all(v == v and abs(v) != float("inf") for _, v in losses)
-    checksums = _history(tmp_path, "checkpoint/weights_checksum")
-    assert checksums and all(v == v and abs(v) != float("inf") for _, v in checksums)
+    assert _history(tmp_path, "train/nonfinite_steps")[-1] == (5, 5.0)
