@@ -14,6 +14,11 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # one machine: no preemption watcher actor (a Ray worker process per training run)
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# one torch thread per test process (set before torch is imported): the test processes share
+# the cores with each other and with Ray's workers, and torch's OpenMP threads wait for each
+# other at every parallel region, spinning while a sibling is preempted (a test taking 3 s
+# alone took 37 s beside two busy processes). Ray's workers get 1 thread per CPU anyway.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # the S3 stand-in's (moto's) credentials, in the environment of every process of the shared Ray
 # cluster as instance roles would give them on a cloud cluster (tests/train/test_object_storage.py)
 for _key, _value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
