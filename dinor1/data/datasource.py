@@ -141,29 +141,27 @@ class ShardDatasource(FileBasedDatasource):
         self._decode, self._block_bytes = decode, block_bytes
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        if self._decode is not None:
-            yield from self._decoded_blocks(f, path)
+        rows = iter_shard_rows(f, path)
+        if self._decode is None:
+            for chunk in _chunks(rows, lambda row: 1, _CHUNK_ROWS):
+                yield pa.Table.from_pylist(chunk, schema=ROW_SCHEMA)
             return
-        rows = []
-        for row in iter_shard_rows(f, path):
-            rows.append(row)
-            if len(rows) >= _CHUNK_ROWS:
-                yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
-                rows = []
-        if rows:
-            yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+        decoded = (self._decode.decode_row(row) for row in rows)
+        for chunk in _chunks(decoded, lambda row: row["image"].nbytes, self._block_bytes):
+            yield BlockAccessor.batch_to_block(self._decode.columns(chunk))
 
 
-    def _decoded_blocks(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        rows, size = [], 0
-        for row in iter_shard_rows(f, path):
-            rows.append(self._decode.decode_row(row))
-            size += rows[-1]["image"].nbytes
-            if size >= self._block_bytes:
-                yield BlockAccessor.batch_to_block(self._decode.columns(rows))
-                rows, size = [], 0
-        if rows:
-            yield BlockAccessor.batch_to_block(self._decode.columns(rows))
+def _chunks(items: Iterator[dict], weight, limit: float) -> Iterator[list[dict]]:
+    """``items`` in consecutive lists, each closed once its ``weight`` sum reaches ``limit``."""
+    chunk, total = [], 0
+    for item in items:
+        chunk.append(item)
+        total += weight(item)
+        if total >= limit:
+            yield chunk
+            chunk, total = [], 0
+    if chunk:
+        yield chunk
 
 
 ROW_SCHEMA = pa.schema(

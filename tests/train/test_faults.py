@@ -23,12 +23,15 @@ def shards(tmp_path_factory):
     return synthetic_train_shards(out, 80, 8)  # 10 batches of 4 per worker
 
 
+def _overrides(shards, tmp_path, *extra) -> list[str]:
+    return [f"data.train_shards={shards}", "data.train_short_sides=[96]", "data.train_max_size=96",
+            "stages.max_steps_per_epoch=8", "stages.sft_epochs=1", "stages.grqo_epochs=0",
+            "checkpointing.every_steps=2", f"checkpointing.storage_path={tmp_path}",
+            "mlflow.log_every_steps=1", *extra]
+
+
 def _config(shards, tmp_path, *extra):
-    return load_train_config(ROOT / "jobs" / "demo.yaml", [
-        f"data.train_shards={shards}", "data.train_short_sides=[96]", "data.train_max_size=96",
-        "stages.max_steps_per_epoch=8", "stages.sft_epochs=1", "stages.grqo_epochs=0",
-        "checkpointing.every_steps=2", f"checkpointing.storage_path={tmp_path}",
-        "mlflow.log_every_steps=1", *extra])
+    return load_train_config(ROOT / "jobs" / "demo.yaml", _overrides(shards, tmp_path, *extra))
 
 
 def _history(tmp_path, name):
@@ -82,12 +85,10 @@ def test_zero0_skips_nonfinite_gradients_and_consecutive_ones_stop_the_run(ray_a
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "dinor1"), "train", str(ROOT / "jobs" / "demo.yaml"),
          "--address", ray_address,
-         f"data.train_shards={shards}", "data.train_short_sides=[96]", "data.train_max_size=96",
-         "stages.max_steps_per_epoch=10", "stages.sft_epochs=1", "stages.grqo_epochs=0",
-         "checkpointing.every_steps=2", f"checkpointing.storage_path={tmp_path}",
-         "mlflow.log_every_steps=1", "deepspeed.zero_stage=0",
-         "faults.inject_nonfinite_grad_batches=[2,5]", "faults.inject_nonfinite_batches=[7,8,9,10]",
-         "faults.max_consecutive_nonfinite=3"],
+         *_overrides(shards, tmp_path, "stages.max_steps_per_epoch=10", "deepspeed.zero_stage=0",
+                     "faults.inject_nonfinite_grad_batches=[2,5]",
+                     "faults.inject_nonfinite_batches=[7,8,9,10]",
+                     "faults.max_consecutive_nonfinite=3")],
         capture_output=True, text=True, timeout=540)
     assert proc.returncode == 1, proc.stderr[-3000:]
     # (Ray may still forward worker log lines after ours)
