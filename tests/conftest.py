@@ -98,7 +98,30 @@ def ray_cluster():
     ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
+    _wait_for_ray_data_threads()
     ray.shutdown()
+
+
+def _wait_for_ray_data_threads(seconds: float = 10.0) -> None:
+    """Before ``ray.shutdown()``: a thread of this process still inside a Ray call when the core
+    worker shuts down makes Ray end the process, and pytest-xdist then waits forever for the
+    test process it lost. Drop abandoned iterators (their executors stop) and give Ray Data's
+    threads a moment to end; name any left, so that a test leaving one can be found."""
+    import gc
+    import sys
+    import threading
+    import time
+
+    def busy() -> list[str]:
+        return [t.name for t in threading.enumerate()
+                if t.name == "iter_threaded" or t.name.startswith("StreamingExecutor-")]
+
+    gc.collect()
+    deadline = time.monotonic() + seconds
+    while busy() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if busy():
+        print(f"\nRay Data threads still running at ray.shutdown(): {busy()}", file=sys.__stderr__)
 
 
 @pytest.fixture

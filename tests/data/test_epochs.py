@@ -126,6 +126,7 @@ def test_two_consumers_of_a_ray_streaming_split(ray_cluster):
 
     results: list[dict] = [{}, {}]
     errors = []
+    before = set(threading.enumerate())
 
     def consume(i, cap):
         try:
@@ -150,3 +151,17 @@ def test_two_consumers_of_a_ray_streaming_split(ray_cluster):
                 assert sorted(rows) == list(range(400))
             else:
                 assert len(results[0][e]) == len(results[1][e]) == 5 * 10
+
+    # Ray Data's fetch threads of a capped epoch stay blocked on the split coordinator for blocks
+    # nobody takes: a training worker's end ends them. This process lives on (and would call
+    # ray.shutdown() under them at the session's end, which kills it), so end the coordinator as
+    # the run's end would; its threads then see the actor gone and stop.
+    ray.kill(splits[0]._coord_actor)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _fetch_threads(before):
+        time.sleep(0.1)
+    assert not _fetch_threads(before)
+
+
+def _fetch_threads(before: set) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t not in before and t.name == "iter_threaded"]
