@@ -42,12 +42,18 @@ def process_group(tmp_path_factory):
 def _engine(zero_stage: int):
     import deepspeed
 
+    from dinor1.train.engine import _no_compile_decorators
+
+    # as build_engine does: no JIT build of DeepSpeed's CPU shared-memory all-reduce (27 s of g++
+    # in the first test process of a fresh venv; the others waited for its lock), no inductor
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     torch.manual_seed(0)
     model = ToyObjective()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config={
-        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": zero_stage}, "steps_per_print": 10**9})
+    with _no_compile_decorators():
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config={
+            "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": zero_stage}, "steps_per_print": 10**9})
     return engine
 
 
