@@ -2,9 +2,7 @@
 clusters tests start, no MLflow telemetry, a faster Ray Train health check, and, under
 pytest-xdist (one test process per core, pyproject.toml), a Ray temp folder per test process."""
 
-import json
 import os
-from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -40,9 +38,6 @@ def pytest_addoption(parser):
     parser.addoption("--device", default="cpu",
                      help="torch device for tests that take the `device` fixture: cpu (default) "
                           "or cuda (on a GPU machine: pytest --device cuda)")
-    parser.addoption("--store-durations", action="store_true",
-                     help="write each module's seconds to tests/durations.json (the order in "
-                          "which the test processes take the modules: longest first)")
 
 
 def pytest_configure(config):
@@ -58,53 +53,22 @@ def pytest_configure(config):
                                     "GPU machine")
 
 
-DURATIONS = Path(__file__).with_name("durations.json")
-
-
-def _module(nodeid: str) -> str:
-    return nodeid.split("::")[0]
-
-
 def pytest_collection_modifyitems(config, items):
-    """Longest modules first (each module's tests stay together and in order), so that the test
-    processes (``-n auto --dist loadfile --no-loadscope-reorder``, pyproject.toml) start the
-    long ones first and the short ones fill in at the end: the seconds each module took are in
-    ``tests/durations.json`` (``pytest --store-durations`` rewrites it); a module not there
-    counts 30 s per ``slow`` test. On ``--device cuda`` only the tests that take the ``device``
-    fixture run (the rest has nothing device-specific, and a bare GPU machine lacks Ray,
-    DeepSpeed and MLflow)."""
-    recorded = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
-    weight: dict[str, float] = {}
+    """Modules with the most ``slow`` tests first (each module's tests stay together and in
+    order), so that the test processes (``-n auto --dist loadfile``, pyproject.toml) start the long ones first and the short ones
+    fill in at the end. On ``--device cuda`` only the tests that take the ``device`` fixture run
+    (the rest has nothing device-specific, and a bare GPU machine lacks Ray, DeepSpeed and
+    MLflow)."""
+    slow: dict[str, int] = {}
     for item in items:
-        module = _module(item.nodeid)
-        if module in recorded:
-            weight[module] = recorded[module]
-        else:
-            weight[module] = weight.get(module, 0.0) + 30.0 * (
-                item.get_closest_marker("slow") is not None)
-    items.sort(key=lambda item: -weight[_module(item.nodeid)])  # (stable)
+        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + (
+            item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])  # (stable)
     if config.getoption("--device") == "cpu":
         return
     selected = [item for item in items if "device" in getattr(item, "fixturenames", ())]
     config.hook.pytest_deselected(items=[item for item in items if item not in selected])
     items[:] = selected
-
-
-_seconds: dict[str, float] = {}
-
-
-def pytest_runtest_logreport(report):
-    """(``--store-durations``) each module's setup, call and teardown seconds; under
-    pytest-xdist the controller receives every test process's reports."""
-    _seconds[_module(report.nodeid)] = _seconds.get(_module(report.nodeid), 0.0) + report.duration
-
-
-def pytest_sessionfinish(session, exitstatus):
-    if session.config.getoption("--store-durations") and _seconds and \
-            not os.environ.get("PYTEST_XDIST_WORKER"):
-        DURATIONS.write_text(json.dumps(
-            {m: round(s, 1) for m, s in sorted(_seconds.items(), key=lambda kv: -kv[1])},
-            indent=1) + "\n")
 
 
 def pytest_xdist_auto_num_workers(config):
