@@ -212,6 +212,25 @@ def build_parser() -> argparse.ArgumentParser:
     _verbose_flag(train)
     train.add_argument("--check", action="store_true",
                        help="validate and print the resolved config, then exit")
+    submit = sub.add_parser(
+        "submit",
+        help="submit a training job to a running Ray cluster (Ray's job API), with the job "
+        "file's runtime_env: section as its runtime environment",
+        description="Validates JOB and its key=value overrides here, then submits "
+        "`python -m dinor1.cli train JOB ...` with the job's runtime_env (working_dir, "
+        "env_vars, pip/uv, ...) to the cluster's job API. Relative local paths of the job "
+        "(shards, run folder) are made absolute.")
+    _add_job_arguments(submit)
+    submit.add_argument("--wait", action="store_true",
+                        help="follow the job's logs and exit with its status (0 = SUCCEEDED)")
+    submit.add_argument("--submission-id", default=None,
+                        help="the job's id (default: dinor1-<run name>-<time>)")
+    submit.add_argument("--dry-run", action="store_true",
+                        help="print the equivalent `ray job submit` command and exit")
+    for action in submit._actions:
+        if action.dest == "address":
+            action.help = ("the cluster's job API, e.g. http://127.0.0.1:8265 (default: "
+                           "RAY_API_SERVER_ADDRESS, RAY_ADDRESS, else http://127.0.0.1:8265)")
     _add_eval_commands(sub)
     from dinor1.local_cluster import add_cluster_parser
 
@@ -339,6 +358,12 @@ def cmd_train(args) -> int:
     return 0 if result.error is None else 1
 
 
+def cmd_submit(args) -> int:
+    from dinor1.submit import submit
+
+    return submit(args)
+
+
 def cmd_eval(args) -> int:
     from dinor1.config import load_train_config
     from dinor1.jobs_index import resolve_job
@@ -432,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     from dinor1.local_cluster import cmd_cluster
 
     handlers = {"data": cmd_data, "bench": cmd_bench, "train": cmd_train, "demo": cmd_demo,
+                "submit": cmd_submit,
                 "eval": cmd_eval, "predict": cmd_predict, "compare": cmd_compare,
                 "cluster": cmd_cluster, "mlflow": cmd_mlflow}
     try:

@@ -417,12 +417,13 @@ def load_train_config(path: str | Path | None, overrides: list[str] = (), *,
                       require_train_shards: bool = True) -> TrainConfig:
     """YAML file (optional) + overrides -> a validated :class:`TrainConfig`.
 
-    Job YAMLs may carry Ray runtime-environment keys at the top level (``working_dir``,
-    ``env_vars``, ``pip``, ...) so one file serves ``ray job submit --runtime-env``; those are
-    not part of the training config and are dropped here.
+    A job YAML's ``runtime_env:`` section (what ``dinor1 submit`` sends as the job's Ray
+    runtime environment) and Ray runtime-environment keys at its top level (``working_dir``,
+    ``env_vars``, ..., so one file also serves ``ray job submit --runtime-env``) are not part
+    of the training config and are dropped here.
     """
     data = load_yaml(path) if path else {}
-    for key in RUNTIME_ENV_KEYS:
+    for key in ("runtime_env", *RUNTIME_ENV_KEYS):
         data.pop(key, None)
     cfg = validate(TrainConfig, apply_overrides(data, list(overrides)))
     if require_train_shards and cfg.data.train_shards is None:

@@ -113,8 +113,12 @@ def free_port() -> int:
 
 def _check_port(port: int, flag: str) -> None:
     with socket.socket() as sock:
+        # as the servers bind: connections of a cluster just stopped, left in TIME_WAIT for a
+        # minute, do not make the port busy (a listening socket still does)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
+            sock.listen()
         except OSError:
             raise UserError(f"{flag} {port}: port already in use on {HOST} "
                             f"(choose another with {flag})") from None
@@ -232,7 +236,8 @@ def up(state_dir: str | Path = ".dinor1_cluster", *, nodes: int = 1, head_cpus: 
         _check_port(mlflow_port, "--mlflow-port")
     state.mkdir(parents=True, exist_ok=True)
     # a short path of its own (Ray puts unix sockets under it, 108-byte limit); every Ray
-    # process of this cluster names it, which is how `down` finds exactly them
+    # process of this cluster names it (or a folder in it), which is how `down` finds exactly
+    # them
     temp_dir = tempfile.mkdtemp(prefix="d1c", dir="/tmp")
     cluster = LocalCluster(str(state), temp_dir, port, dashboard_port, started=time.time())
     env = _env()
@@ -248,7 +253,10 @@ def up(state_dir: str | Path = ".dinor1_cluster", *, nodes: int = 1, head_cpus: 
         for i in range(1, nodes + 1):
             resource = f"dinor1_node_{i}"
             log(f"[cluster] Ray node {i} ({node_cpus} CPUs, resource {resource})")
-            _ray_start(["--address", cluster.gcs_address,
+            # its own temp dir inside the head's: a node sharing the head's session folder
+            # runs a second log monitor over the same log files, and every worker line
+            # reached the driver twice
+            _ray_start(["--address", cluster.gcs_address, "--temp-dir", f"{temp_dir}/n{i}",
                         *_node_args(node_cpus, resource, object_store_mb)],
                        dict(env, **{LOOPBACK_ENV: "1"}), f"node {i}", node=True)
             cluster.nodes.append({"name": f"node{i}", "cpus": node_cpus, "resource": resource})
@@ -301,7 +309,21 @@ def _terminate(pids: list[int], grace: float) -> int:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    # a SIGKILLed process is gone only once the kernel has run its exit (on a busy machine
+    # not at once): return when none is left but zombies (their parent, if any, reaps them)
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.1)
     return len(pids)
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return False
 
 
 def down(state_dir: str | Path = ".dinor1_cluster", *, log=print) -> bool:
@@ -353,8 +375,8 @@ def usage_lines(cluster: LocalCluster) -> list[str]:
     tracking = f" mlflow.tracking_uri={cluster.mlflow_uri}" if cluster.mlflow_uri else ""
     lines = [f"Ray: {cluster.gcs_address} ({len(cluster.nodes)} nodes), dashboard "
              f"{cluster.dashboard_url}",
-             f"submit:  ray job submit --address {cluster.dashboard_url} --working-dir . -- "
-             f"dinor1 train jobs/demo.yaml{tracking}",
+             f"submit:  dinor1 submit jobs/demo.yaml --address {cluster.dashboard_url} "
+             f"--wait{tracking}",
              f"direct:  dinor1 train jobs/demo.yaml --address {cluster.gcs_address}{tracking}"]
     if cluster.mlflow_uri:
         lines.append(f"MLflow:  {cluster.mlflow_uri}")

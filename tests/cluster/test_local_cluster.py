@@ -81,6 +81,9 @@ def test_two_node_cluster_spreads_training_workers(tmp_path):
             f"mlflow.tracking_uri={cluster.mlflow_uri}", "mlflow.log_every_steps=1",
             timeout=540)
         assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-4000:]
+        # each node its own log monitor over its own files: every worker line once
+        progress = [ln for ln in train.stdout.splitlines() if ln.startswith("[train spread] step")]
+        assert progress and len(progress) == len(set(progress)), train.stdout[-2000:]
 
         client = mlflow.MlflowClient(cluster.mlflow_uri)
         run = client.search_runs(
@@ -102,8 +105,20 @@ def test_two_node_cluster_spreads_training_workers(tmp_path):
         down = _dinor1("cluster", "local", "down", "--state-dir", str(state))
     assert down.returncode == 0, down.stderr[-2000:]
     assert local_cluster.ray_pids(cluster) == []
-    assert not [p for p in pids if psutil.pid_exists(p)
-                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not _left_running(pids)
     assert not local_cluster._alive(cluster.mlflow_pid)
     assert not (state / local_cluster.STATE_NAME).exists()
     assert (state / "mlflow.db").exists()  # the runs are kept
+
+
+def _left_running(pids: list[int]) -> list[str]:
+    """What is still running of ``pids`` (zombies aside): pid, status, command line."""
+    left = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{pid} {proc.status()} {' '.join(proc.cmdline())[:120]}")
+        except psutil.NoSuchProcess:
+            pass
+    return left

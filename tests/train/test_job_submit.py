@@ -1,5 +1,6 @@
-"""`ray job submit` of jobs/demo.yaml to a real Ray head on 127.0.0.1, tracked by a real
-`mlflow server` on 127.0.0.1. Everything started here is stopped here, by PID."""
+"""`ray job submit` and `dinor1 submit` of jobs/demo.yaml to one real Ray head on 127.0.0.1,
+tracked by a real `mlflow server` on 127.0.0.1 (the first) and MLflow on sqlite (the second).
+Everything started here is stopped here, by PID."""
 
 import json
 import os
@@ -23,7 +24,7 @@ BIN = Path(sys.executable).parent
 
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
     # a short path of its own: Ray puts unix sockets under it (108-byte limit) and every Ray
     # process of this head names it or descends from one that does: how the fixture finds the
@@ -62,10 +63,12 @@ def mlflow_server(tmp_path):
 def test_ray_job_submit_demo_job(ray_head, mlflow_server, tmp_path):
     synthetic_train_shards(tmp_path, 80, 20)
     # the documented command (README "Running on a Ray cluster"), with small overrides
+    runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1"}, "working_dir": str(ROOT)}
     command = [
-        str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(ROOT),
-        "--submission-id", "dinor1-test-job", "--",
-        "dinor1", "train", "jobs/demo.yaml", f"data.train_shards={tmp_path / 'shards'}",
+        str(BIN / "ray"), "job", "submit", "--address", ray_head,
+        "--runtime-env-json", json.dumps(runtime_env), "--submission-id", "dinor1-test-job", "--",
+        "python", "-m", "dinor1.cli", "train", "jobs/demo.yaml",
+        f"data.train_shards={tmp_path / 'shards'}",
         "data.train_short_sides=[96]", "data.train_max_size=96",
         "stages.max_steps_per_epoch=2", "stages.sft_epochs=1", "stages.grqo_epochs=1",
         f"checkpointing.storage_path={tmp_path / 'runs'}",
@@ -92,3 +95,30 @@ def test_ray_job_submit_demo_job(ray_head, mlflow_server, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "final_model" in artifacts
     assert json.loads(json.dumps(run.data.tags))["world_size"] == "2"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_dinor1_submit_waits_for_the_job_and_writes_the_final_model(ray_head, tmp_path):
+    """`dinor1 submit jobs/demo.yaml --wait`: the job file's runtime_env as the job's, the
+    job's logs followed here, exit status 0 once it SUCCEEDED; relative paths were resolved
+    here (the run folder is not inside the job's temporary copy of the working dir)."""
+    synthetic_train_shards(tmp_path, 80, 20)
+    proc = subprocess.run(
+        [str(BIN / "dinor1"), "submit", "jobs/demo.yaml", "--address", ray_head, "--wait",
+         "--submission-id", "dinor1-submit-test",
+         f"data.train_shards={tmp_path / 'shards'}", "data.train_short_sides=[96]",
+         "data.train_max_size=96", "stages.max_steps_per_epoch=2", "stages.sft_epochs=1",
+         "stages.grqo_epochs=0", f"checkpointing.storage_path={tmp_path / 'runs'}"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=540, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "[submit] job dinor1-submit-test submitted to" in out
+    assert "[train demo] step 2/2" in out  # the job's own progress lines, followed live
+    assert out.rstrip().endswith("[submit] job dinor1-submit-test: SUCCEEDED")
+    assert "Uploading package" not in out + proc.stderr  # Ray's client chatter: --verbose only
+    assert (tmp_path / "runs" / "demo" / "final_model" / "model.safetensors").is_file()
+    from ray.job_submission import JobSubmissionClient
+
+    info = JobSubmissionClient(ray_head).get_job_info("dinor1-submit-test")
+    assert info.runtime_env["env_vars"]["PYTHONUNBUFFERED"] == "1"
