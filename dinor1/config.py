@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dinor1.errors import UserError
 from dinor1.objectives.settings import (
@@ -214,6 +214,20 @@ class ScalingSection(StrictModel):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)  # 0 = 1 with use_gpu; other values refused
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # custom Ray resources each worker also asks for, e.g. {trainer: 1}: only nodes offering
+    # them run workers, and on an autoscaling cluster they say which node type to launch
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_only(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"{name!r}: set it with cpus_per_worker / use_gpu (custom "
+                                 "resources only here)")
+            if amount <= 0:
+                raise ValueError(f"{name!r}: must be > 0, got {amount}")
+        return value
 
 
 class DeepSpeedSection(StrictModel):
@@ -407,7 +421,8 @@ def validate(model: type[M], data: dict[str, Any], prefix: str = "") -> M:
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = "unknown key" if err["type"] == "extra_forbidden" else \
+            err["msg"].removeprefix("Value error, ")
         if not key:  # a whole-config check; its message names the keys
             raise UserError(f"config: {msg.removeprefix('Value error, ')}") from None
         raise UserError(f"config key {key!r}: {msg}") from None

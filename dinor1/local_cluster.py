@@ -39,6 +39,8 @@ HOST = "127.0.0.1"
 # Ray's switch for Windows/macOS clusters; at 0 it is Ray's local-only mode on Linux too
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 STATE_NAME = "cluster.json"
+# the repository's autoscaling cluster (`up --autoscaling`)
+AUTOSCALING_CONFIG = Path(__file__).resolve().parents[1] / "cluster" / "local-autoscaling.yaml"
 # `ray start` for an extra node, keeping a 127.0.0.1 head address as given (Ray replaces a
 # loopback address with the machine's network address when joining nodes)
 NODE_START = ("import sys; import ray._private.services as services; "
@@ -58,6 +60,7 @@ class LocalCluster:
     mlflow_port: int | None = None
     mlflow_pid: int | None = None
     started: float = 0.0
+    autoscaling_config: str | None = None  # the autoscaler's config (--autoscaling)
 
     @property
     def gcs_address(self) -> str:
@@ -217,11 +220,42 @@ def alive_nodes(cluster: LocalCluster) -> list[dict]:
              "resources": dict(n.resources_total)} for n in nodes]
 
 
-def up(state_dir: str | Path = ".dinor1_cluster", *, nodes: int = 1, head_cpus: int = 2,
+def autoscaling_config(template: str | Path, port: int, out: Path) -> Path:
+    """``template`` (an autoscaler config with the fake multi-node provider) with the head's GCS
+    address filled in, written to ``out``: the provider's nodes join the GCS at 6379 unless told
+    otherwise."""
+    import yaml
+
+    template = Path(template)
+    if not template.is_file():
+        raise UserError(f"--autoscaling: no autoscaler config at {template}")
+    config = yaml.safe_load(template.read_text())
+    provider = config.get("provider") if isinstance(config, dict) else None
+    if not isinstance(provider, dict) or (
+            provider.get("type") != "fake_multinode" and
+            provider.get("module") != "dinor1.local_autoscaler.LoopbackNodeProvider"):
+        raise UserError(f"{template}: provider must be Ray's fake_multinode or "
+                        "dinor1.local_autoscaler.LoopbackNodeProvider (nodes on this machine)")
+    provider["gcs_address"] = f"{HOST}:{port}"
+    out.write_text(yaml.safe_dump(config, sort_keys=False))
+    return out
+
+
+def up(state_dir: str | Path = ".dinor1_cluster", *, nodes: int = 1,
+       head_cpus: int | None = None,
        node_cpus: int = 2, port: int = 6379, dashboard_port: int = 8265,
        mlflow_port: int | None = 5000, object_store_mb: int = 1024,
-       log=print) -> LocalCluster:
-    """Start the head, ``nodes`` extra nodes and (unless ``mlflow_port`` is None) MLflow."""
+       autoscaling: str | Path | None = None, log=print) -> LocalCluster:
+    """Start the head, ``nodes`` extra nodes and (unless ``mlflow_port`` is None) MLflow.
+
+    ``autoscaling``: an autoscaler config (``cluster/local-autoscaling.yaml``); the head then
+    runs Ray's autoscaler with the fake multi-node provider (``RAY_FAKE_CLUSTER=1``), which
+    starts and stops the config's worker nodes as raylets on 127.0.0.1; no fixed extra nodes.
+    """
+    if autoscaling:
+        nodes = 0
+    if head_cpus is None:  # an autoscaling head keeps its CPUs for nothing but drivers
+        head_cpus = 0 if autoscaling else 2
     if nodes < 0 or head_cpus < 0 or node_cpus < 1:
         raise UserError("--nodes must be >= 0, --head-cpus >= 0 and --node-cpus >= 1")
     state = Path(state_dir).expanduser().resolve()
@@ -244,10 +278,19 @@ def up(state_dir: str | Path = ".dinor1_cluster", *, nodes: int = 1, head_cpus: 
     try:
         log(f"[cluster] Ray head on {HOST}:{port} ({head_cpus} CPUs, dashboard "
             f"{cluster.dashboard_url})")
+        head_env, extra = env, []
+        if autoscaling:
+            cluster.autoscaling_config = str(autoscaling_config(
+                autoscaling, port, state / "autoscaling.yaml"))
+            head_env = dict(env, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+            extra = ["--autoscaling-config", cluster.autoscaling_config]
+            log(f"[cluster] autoscaler: node types of {autoscaling}, started and stopped on "
+                f"demand (config {cluster.autoscaling_config})")
         _ray_start(["--head", "--port", str(port), "--dashboard-host", HOST,
                     "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
                     "--temp-dir", temp_dir, "--ray-client-server-port", str(free_port()),
-                    *_node_args(head_cpus, "dinor1_node_head", object_store_mb)], env, "head")
+                    *extra, *_node_args(head_cpus, "dinor1_node_head", object_store_mb)],
+                   head_env, "head")
         cluster.nodes.append({"name": "head", "cpus": head_cpus, "resource": "dinor1_node_head"})
         _save(cluster)  # from here on `down` can clean up even if the rest fails
         for i in range(1, nodes + 1):
@@ -373,6 +416,8 @@ def status(state_dir: str | Path = ".dinor1_cluster") -> dict:
 
 def usage_lines(cluster: LocalCluster) -> list[str]:
     tracking = f" mlflow.tracking_uri={cluster.mlflow_uri}" if cluster.mlflow_uri else ""
+    if cluster.autoscaling_config:  # workers ask for the node type's resource
+        tracking += " 'scaling.resources_per_worker={trainer: 1}'"
     lines = [f"Ray: {cluster.gcs_address} ({len(cluster.nodes)} nodes), dashboard "
              f"{cluster.dashboard_url}",
              f"submit:  dinor1 submit jobs/demo.yaml --address {cluster.dashboard_url} "
@@ -391,8 +436,10 @@ def add_cluster_parser(sub) -> None:
                             "on 127.0.0.1 on this machine")
     lsub = local.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")
     start = lsub.add_parser("up", help="start the cluster")
-    start.add_argument("--nodes", type=int, default=1, help="extra Ray nodes beside the head")
-    start.add_argument("--head-cpus", type=int, default=2, help="logical CPUs of the head")
+    start.add_argument("--nodes", type=int, default=1,
+                       help="extra Ray nodes beside the head (none with --autoscaling)")
+    start.add_argument("--head-cpus", type=int, default=None,
+                       help="logical CPUs of the head (default 2; 0 with --autoscaling)")
     start.add_argument("--node-cpus", type=int, default=2, help="logical CPUs of each node")
     start.add_argument("--port", type=int, default=6379, help="Ray GCS port")
     start.add_argument("--dashboard-port", type=int, default=8265,
@@ -401,6 +448,12 @@ def add_cluster_parser(sub) -> None:
     start.add_argument("--no-mlflow", action="store_true", help="do not start an MLflow server")
     start.add_argument("--object-store-mb", type=int, default=1024,
                        help="object store size per node (MiB)")
+    start.add_argument("--autoscaling", nargs="?", const=str(AUTOSCALING_CONFIG), default=None,
+                       metavar="CONFIG",
+                       help="Ray's autoscaler instead of fixed nodes: worker nodes started and "
+                            "stopped on demand as the config's node types say (default "
+                            "cluster/local-autoscaling.yaml; the head gets --head-cpus, "
+                            "0 recommended)")
     for parser in (start, lsub.add_parser("status", help="what is running"),
                    lsub.add_parser("down", help="stop exactly what `up` started")):
         parser.add_argument("--state-dir", default=".dinor1_cluster",
@@ -413,7 +466,7 @@ def cmd_cluster(args) -> int:
                      node_cpus=args.node_cpus, port=args.port,
                      dashboard_port=args.dashboard_port,
                      mlflow_port=None if args.no_mlflow else args.mlflow_port,
-                     object_store_mb=args.object_store_mb)
+                     object_store_mb=args.object_store_mb, autoscaling=args.autoscaling)
         print("\n".join(usage_lines(cluster)))
         return 0
     if args.cluster_command == "down":

@@ -190,7 +190,8 @@ def _quiet_job_client() -> None:
 
     if is_verbose():
         return
-    logging.getLogger("ray.dashboard.modules").setLevel(logging.WARNING)
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # (each sets INFO for itself)
     logging.getLogger("ray._private.runtime_env").setLevel(logging.ERROR)
 
 

@@ -291,7 +291,8 @@ def _trainer(cfg: TrainConfig, settings: WorkerSettings, datasets: dict, storage
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=sc.use_gpu, placement_strategy=sc.placement_strategy,
             resources_per_worker={"CPU": sc.cpus_per_worker,
-                                  **({"GPU": sc.gpus_per_worker or 1} if sc.use_gpu else {})}),
+                                  **({"GPU": sc.gpus_per_worker or 1} if sc.use_gpu else {}),
+                                  **sc.resources_per_worker}),
         datasets=datasets,
         # the support set goes whole to every worker; train and val are split between them
         dataset_config=DataConfig(datasets_to_split=["train", "val"],

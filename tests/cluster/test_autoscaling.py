@@ -1,0 +1,148 @@
+"""Ray's real autoscaler on this machine (`dinor1 cluster local up --autoscaling`,
+cluster/local-autoscaling.yaml): a training job submitted with `dinor1 submit` asks for the
+`trainer` resource, the autoscaler starts 2 trainer nodes (real raylets on 127.0.0.1), one of
+them is killed by PID mid-run, the autoscaler replaces it, Ray Train restarts the worker group
+from the newest checkpoint into the same MLflow run, and after the idle timeout the nodes are
+gone. Everything started here is stopped by `down`, by PID."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+
+from dinor1 import local_cluster
+from tests.helpers import free_port, subprocess_env, synthetic_train_shards
+
+ROOT = Path(__file__).parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _trainer_nodes(cluster) -> list[str]:
+    return [n["node_id"] for n in local_cluster.alive_nodes(cluster)
+            if n["resources"].get("trainer")]
+
+
+def _trainer_raylets(cluster) -> list[psutil.Process]:
+    """The raylets the autoscaler started (children of its monitor process)."""
+    raylets = []
+    for pid in local_cluster.ray_pids(cluster):
+        try:
+            proc = psutil.Process(pid)
+            if proc.name() == "raylet" and "monitor.py" in " ".join(proc.parent().cmdline()):
+                raylets.append(proc)
+        except (psutil.NoSuchProcess, AttributeError):
+            pass
+    return raylets
+
+
+class NodeWatch(threading.Thread):
+    """Polls Ray's node table every second: most trainer nodes alive at once, all seen."""
+
+    def __init__(self, cluster):
+        super().__init__(daemon=True)
+        self.cluster, self.most, self.seen = cluster, 0, set()
+        self.halt = threading.Event()
+
+    def run(self):
+        while not self.halt.is_set():
+            try:
+                nodes = _trainer_nodes(self.cluster)
+            except Exception:  # (the dashboard busy for a moment)
+                nodes = []
+            self.most = max(self.most, len(nodes))
+            self.seen.update(nodes)
+            self.halt.wait(1.0)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_autoscaled_training_survives_losing_a_node(tmp_path):
+    synthetic_train_shards(tmp_path, 240, 40)
+    state = tmp_path / "state"
+    up = subprocess.run(
+        [str(BIN / "dinor1"), "cluster", "local", "up", "--autoscaling", "--no-mlflow",
+         "--state-dir", str(state), "--port", str(free_port()), "--dashboard-port",
+         str(free_port()), "--object-store-mb", "256"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=180, cwd=ROOT)
+    cluster = local_cluster.load_state(state)
+    watch = None
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr[-3000:]
+        assert _trainer_nodes(cluster) == []  # nothing but the head until work asks
+        watch = NodeWatch(cluster)
+        watch.start()
+        runs = tmp_path / "runs"
+        submitted = time.monotonic()
+        job = subprocess.Popen(
+            [str(BIN / "dinor1"), "submit", "jobs/demo.yaml", "--address", cluster.dashboard_url,
+             "--wait", "--submission-id", "autoscaled",
+             f"data.train_shards={tmp_path / 'shards'}", "data.train_short_sides=[96]",
+             "data.train_max_size=96", "stages.max_steps_per_epoch=20", "stages.sft_epochs=1",
+             "stages.grqo_epochs=1", "checkpointing.every_steps=5",
+             "checkpointing.max_failures=2", f"checkpointing.storage_path={runs}",
+             "mlflow.log_every_steps=1", "scaling.resources_per_worker={trainer: 1}"],
+            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=ROOT)
+        lines, first_step = [], None
+
+        def read():
+            nonlocal first_step
+            for line in job.stdout:
+                lines.append(line)
+                if first_step is None and line.startswith("[train demo] step "):
+                    first_step = time.monotonic() - submitted
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        # the first complete checkpoint (step 5): then one trainer node goes, raylet killed
+        deadline = time.monotonic() + 300
+        while not list((runs / "demo").glob("checkpoint_*/complete.json")):
+            assert job.poll() is None, "".join(lines)[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s:\n" + \
+                "".join(lines)[-3000:]
+            time.sleep(0.2)
+        raylets = _trainer_raylets(cluster)
+        assert len(raylets) == 2, raylets
+        assert len(_trainer_nodes(cluster)) == 2  # 0 -> 2 nodes, as Ray's node table says
+        os.kill(raylets[0].pid, signal.SIGKILL)
+        assert job.wait(timeout=420) == 0, "".join(lines)[-4000:]
+        reader.join(timeout=10)
+        out = "".join(lines)
+        print(f"\nsubmit -> first step: {first_step:.1f} s")
+        assert out.rstrip().endswith("[submit] job autoscaled: SUCCEEDED"), out[-3000:]
+        # the lost node was replaced by a new one (Ray's table lists the lost one as alive
+        # for a few seconds more: 3 at most at once)
+        assert len(watch.seen) >= 3 and watch.most <= 3, (watch.seen, watch.most)
+        assert (runs / "demo" / "final_model" / "model.safetensors").is_file()
+
+        client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+        run_id = (runs / "demo" / "mlflow_run_id").read_text().strip()
+        restored = [m.value for m in client.get_metric_history(run_id, "resume/step")]
+        assert restored and all(v >= 5 for v in restored)  # from a checkpoint, not from scratch
+        history = client.get_metric_history(run_id, "loss/total")
+        steps = {m.step for m in history}
+        assert max(steps) == 40 and steps == set(range(1, 41))  # one run, every step
+        print(f"restored from step {restored}; steps trained twice (after the checkpoint, "
+              f"before the loss): {len(history) - len(steps)}")
+        # idle trainer nodes are removed (idle_timeout_minutes: 0.25)
+        deadline = time.monotonic() + 120
+        while _trainer_nodes(cluster):
+            assert time.monotonic() < deadline, "trainer nodes still up after 120 s"
+            time.sleep(1)
+    finally:
+        if watch:
+            watch.halt.set()
+        pids = local_cluster.ray_pids(cluster) if cluster else []
+        down = subprocess.run([str(BIN / "dinor1"), "cluster", "local", "down", "--state-dir",
+                               str(state)], env=subprocess_env(), capture_output=True,
+                              text=True, timeout=120, cwd=ROOT)
+    assert down.returncode == 0, down.stderr[-2000:]
+    assert not [p for p in pids if psutil.pid_exists(p)
+                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
