@@ -111,6 +111,13 @@ def test_autoscaled_training_survives_losing_a_node(tmp_path):
         raylets = _trainer_raylets(cluster)
         assert len(raylets) == 2, raylets
         assert len(_trainer_nodes(cluster)) == 2  # 0 -> 2 nodes, as Ray's node table says
+        from ray.util.state import list_placement_groups
+
+        bundles = [b["unit_resources"] for g in list_placement_groups(
+            address=cluster.dashboard_url, filters=[("state", "=", "CREATED")], detail=True)
+            for b in g.bundles]
+        # each worker's bundle asks for the node type's resource (scaling.resources_per_worker)
+        assert bundles == [{"CPU": 0.5, "trainer": 1.0}] * 2, bundles
         os.kill(raylets[0].pid, signal.SIGKILL)
         assert job.wait(timeout=420) == 0, "".join(lines)[-4000:]
         reader.join(timeout=10)

@@ -91,3 +91,15 @@ def test_config_errors_fail_before_submitting(monkeypatch, capsys):
 def test_train_ignores_the_runtime_env_section(capsys):
     assert main(["train", str(ROOT / "jobs" / "grqo.yaml"), "--check"]) == 0
     assert "runtime_env" not in capsys.readouterr().out
+
+
+def test_resources_per_worker_takes_custom_resources_only():
+    from dinor1.config import load_train_config
+
+    job = ROOT / "jobs" / "demo.yaml"
+    cfg = load_train_config(job, ["scaling.resources_per_worker={trainer: 1}"])
+    assert cfg.scaling.resources_per_worker == {"trainer": 1.0}
+    with pytest.raises(UserError, match="'scaling.resources_per_worker': 'CPU': set it with"):
+        load_train_config(job, ["scaling.resources_per_worker={CPU: 1}"])
+    with pytest.raises(UserError, match="'trainer': must be > 0"):
+        load_train_config(job, ["scaling.resources_per_worker={trainer: 0}"])
