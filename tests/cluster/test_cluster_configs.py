@@ -388,8 +388,13 @@ def test_rayjob_runtime_env_matches_job_yaml():
     assert all(isinstance(v, str) for v in env_vars.values())  # Ray wants strings
     assert env_vars.get("MLFLOW_DISABLE_TELEMETRY") == "true"
     assert "RAY_AUTH_MODE" not in env_vars  # in a job's env_vars it leaves the job PENDING
-    # runtime-env keys at the top of the job YAML are carried over (env_vars: a superset)
+    # the job YAML's runtime_env: section (what `dinor1 submit` sends) is carried over, but
+    # for the working_dir (the image's copy of the repository)
     job_yaml = load_yaml(ROOT / path)
+    section = job_yaml["runtime_env"]
+    assert {k: str(v) for k, v in section["env_vars"].items()}.items() <= env_vars.items()
+    assert set(section) - {"working_dir", "env_vars"} <= set(runtime_env)
+    # runtime-env keys at the top of the job YAML are carried over too (env_vars: a superset)
     for key in RUNTIME_ENV_KEYS:
         if key not in job_yaml:
             continue
