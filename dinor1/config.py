@@ -337,12 +337,14 @@ class TrainConfig(StrictModel):
             raise ValueError("eval.every_epochs needs data.val_shards (or eval.shards)")
         if (self.scaling.min_workers is None) != (self.scaling.max_workers is None):
             raise ValueError("scaling.min_workers and scaling.max_workers go together")
-        if self.scaling.min_workers and self.deepspeed.zero_stage > 0:
-            # measured: DeepSpeed refuses ZeRO-1/2/3 optimiser shards saved at another
-            # data-parallel size, so the first resize would fail the run
+        if self.scaling.min_workers and self.deepspeed.zero_stage == 3:
+            # DeepSpeed refuses ZeRO partitions saved at another data-parallel size; ZeRO-1/2
+            # checkpoints are converted to its universal checkpoint at a resize
+            # (dinor1/train/checkpoints.py), ZeRO-3's conversion is not tested here
             raise ValueError("scaling.min_workers/max_workers (an elastic worker count) need "
-                             "deepspeed.zero_stage=0: ZeRO-1/2/3 checkpoints cannot be loaded "
-                             "at another worker count; use a fixed scaling.num_workers")
+                             "deepspeed.zero_stage 0, 1 or 2: a ZeRO-3 checkpoint is not "
+                             "re-partitioned for another worker count; use a fixed "
+                             "scaling.num_workers")
         if self.scaling.gpus_per_worker and not self.scaling.use_gpu:
             raise ValueError("scaling.gpus_per_worker needs scaling.use_gpu=true")
         if self.scaling.gpus_per_worker not in (0, 1):

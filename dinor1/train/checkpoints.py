@@ -149,18 +149,61 @@ def restore_point(run_folder: str, start_from: str | None, rank: int):
     return ray.train.Checkpoint(choice[1])  # a folder or a URI
 
 
-def load_checkpoint(checkpoint, engine, reference) -> TrainState:
+def load_checkpoint(checkpoint, engine, reference, world_size: int) -> TrainState:
     """Load a checkpoint into the engine (weights, optimiser) and ``reference``
     (:class:`~dinor1.train.stages.GRQOReference`, when the checkpoint has one); returns its
-    trainer state."""
+    trainer state.
+
+    A ZeRO-1/2 checkpoint saved by another number of workers than ``world_size`` (an elastic
+    run that shrank or grew) cannot be loaded as it is: DeepSpeed refuses optimiser partitions
+    of another data-parallel size. It is converted first into DeepSpeed's universal checkpoint
+    (every parameter's fp32 weights and Adam moments whole, :func:`universal_copy`) and loaded
+    from there, re-partitioned for ``world_size``."""
     with checkpoint.as_directory() as folder:
-        engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
         state = TrainState.from_json((Path(folder) / STATE_NAME).read_text(),
                                      source=f"{checkpoint.path}/{STATE_NAME}")
+        if state.zero_stage in (1, 2) and state.world_size != world_size:
+            with tempfile.TemporaryDirectory() as universal:
+                universal_copy(Path(folder) / CHECKPOINT_TAG, Path(universal) / CHECKPOINT_TAG)
+                config = engine._config  # DeepSpeed reads this flag when it loads
+                config.load_universal_checkpoint = True
+                try:
+                    engine.load_checkpoint(universal, tag=CHECKPOINT_TAG)
+                finally:
+                    config.load_universal_checkpoint = False
+        else:
+            engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
         if (Path(folder) / REFERENCE_NAME).exists():
             reference.restore(engine, Path(folder) / REFERENCE_NAME,
                               state.reference_refresh_step)
     return state
+
+
+def universal_copy(ds_folder: Path, out: Path) -> None:
+    """DeepSpeed's ``ds_to_universal`` of one ZeRO-1/2 checkpoint tag folder (all ranks' files)
+    into ``out``: in this process, one worker, its console output kept off unless the run is
+    verbose. Every rank of a resized run converts its own copy (nothing is shared between
+    nodes but the checkpoint); for the model sizes here that takes seconds."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    from dinor1.console import is_verbose
+
+    args = SimpleNamespace(input_folder=str(ds_folder), output_folder=str(out),
+                           num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                           strict=True,
+                           # our model records no tensor-parallel layout: there is none
+                           inject_missing_state=True)
+    sink = contextlib.nullcontext() if is_verbose() else contextlib.ExitStack()
+    with sink as stack:
+        if stack is not None:
+            buffer = io.StringIO()
+            stack.enter_context(contextlib.redirect_stdout(buffer))
+            stack.enter_context(contextlib.redirect_stderr(buffer))
+        ds_to_universal.main(args)
 
 
 def save_checkpoint(engine, state: TrainState, reference, *, rank: int, name: str,

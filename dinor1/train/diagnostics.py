@@ -29,12 +29,34 @@ def weight_checksum(state_dict: dict[str, torch.Tensor]) -> float:
 
 
 def state_checksums(engine, reference) -> dict[str, float]:
-    """Weights (gathered: collective under ZeRO-3), this rank's optimiser state, reference."""
+    """Weights (gathered: collective under ZeRO-3), this rank's optimiser state, the AdamW
+    moments of all ranks (collective), reference."""
+    state = engine.optimizer.state_dict()
     sums = {"weights": weight_checksum(full_state_dict(engine)),
-            "optimizer": tensor_checksum(engine.optimizer.state_dict())}
+            "optimizer": tensor_checksum(state),
+            "moments": all_moments_checksum(state, engine.device)}
     if reference is not None:
         sums["reference"] = weight_checksum(reference.model.state_dict())
     return sums
+
+
+def all_moments_checksum(state: dict, device) -> float:
+    """Sum of every AdamW moment (exp_avg, exp_avg_sq) over all ranks' partitions: the same
+    for the same optimiser state whatever the number of workers holding it (the partitions'
+    padding is zeros), so a resized run's restore can be checked against what was saved.
+    Collective when torch.distributed is initialised."""
+    import torch.distributed as dist
+
+    moments = state.get("base_optimizer_state", state.get("optimizer_state_dict", state))
+    per_param = moments.get("state", {}) if isinstance(moments, dict) else {}
+    if isinstance(per_param, list):  # ZeRO-1/2 keep one state dict per parameter group
+        per_param = {i: s for group in per_param for i, s in group.items()}
+    total = sum(tensor_checksum(v) for entry in per_param.values() if isinstance(entry, dict)
+                for k, v in entry.items() if k in ("exp_avg", "exp_avg_sq"))
+    value = torch.tensor([total], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value)
+    return float(value.item())
 
 
 def tensor_bytes(obj) -> int:

@@ -96,12 +96,21 @@ class TrainingRecipe:
         # names this attempt's checkpoints
         self.attempt = broadcast_from_rank0(uuid.uuid4().hex[:8], self.rank)
         if checkpoint is not None:
-            self.state = load_checkpoint(checkpoint, self.engine, self.reference)
+            self.state = load_checkpoint(checkpoint, self.engine, self.reference, self.world)
+            resized_from = self.state.world_size
+            if resized_from != self.world:
+                # the batches of the epoch already trained on, counted in this group's steps
+                # (each step now takes world_size batches)
+                done = self.state.steps_in_epoch * resized_from
+                self.state.steps_in_epoch = -(-done // self.world)
+                self.tracker.set_tag("dinor1.resized", f"{resized_from} -> {self.world} workers "
+                                     f"at step {self.state.step}")
             if self.rank == 0:  # saved totals are sums over all ranks: restored on one rank
                 self.quality.load_state_dict(self.state.data_quality)
             # (lets a user, and the tests, check what was restored)
             sums = state_checksums(self.engine, self.reference.model)
             self.tracker.log_now({"resume/step": float(self.state.step),
+                                  "resume/world_size_before": float(resized_from),
                                   **{f"resume/{k}_checksum": v for k, v in sums.items()}},
                                  self.state.step)
         # (a checkpoint's query count is known only now)

@@ -164,14 +164,16 @@ def test_compile_is_refused_with_zero3():
     assert load_train_config(ROOT / "jobs" / "demo.yaml", ["model.compile=true"]).model.compile
 
 
-def test_elastic_workers_need_zero_stage_0():
+def test_elastic_workers_take_zero_stages_0_to_2():
     from dinor1.errors import UserError
 
     elastic = ["scaling.min_workers=1", "scaling.max_workers=4"]
-    with pytest.raises(UserError, match="deepspeed.zero_stage=0"):
-        load_train_config(ROOT / "jobs" / "demo.yaml", elastic)
-    cfg = load_train_config(ROOT / "jobs" / "demo.yaml", [*elastic, "deepspeed.zero_stage=0"])
-    assert (cfg.scaling.min_workers, cfg.scaling.max_workers) == (1, 4)
+    with pytest.raises(UserError, match="need deepspeed.zero_stage 0, 1 or 2"):
+        load_train_config(ROOT / "jobs" / "demo.yaml", [*elastic, "deepspeed.zero_stage=3"])
+    for stage in (0, 1, 2):
+        cfg = load_train_config(ROOT / "jobs" / "demo.yaml",
+                                [*elastic, f"deepspeed.zero_stage={stage}"])
+        assert (cfg.scaling.min_workers, cfg.scaling.max_workers) == (1, 4)
 
 
 def test_unreachable_tracking_server_is_one_line(tmp_path):
