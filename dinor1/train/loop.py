@@ -111,6 +111,7 @@ class TrainingRecipe:
             sums = state_checksums(self.engine, self.reference.model)
             self.tracker.log_now({"resume/step": float(self.state.step),
                                   "resume/world_size_before": float(resized_from),
+                                  "resume/world_size": float(self.world),
                                   **{f"resume/{k}_checksum": v for k, v in sums.items()}},
                                  self.state.step)
         # (a checkpoint's query count is known only now)

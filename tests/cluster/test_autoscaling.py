@@ -3,7 +3,7 @@ cluster/local-autoscaling.yaml): a training job submitted with `dinor1 submit` a
 `trainer` resource, the autoscaler starts 2 trainer nodes (real raylets on 127.0.0.1), one of
 them is killed by PID mid-run, the autoscaler replaces it, Ray Train restarts the worker group
 from the newest checkpoint into the same MLflow run, and after the idle timeout the nodes are
-gone. Everything started here is stopped by `down`, by PID."""
+gone. One cluster for the module, stopped by `down`, by PID."""
 
 import os
 import signal
@@ -61,47 +61,61 @@ class NodeWatch(threading.Thread):
             self.halt.wait(1.0)
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_autoscaled_training_survives_losing_a_node(tmp_path):
-    synthetic_train_shards(tmp_path, 240, 40)
-    state = tmp_path / "state"
+@pytest.fixture(scope="module")
+def autoscaling(tmp_path_factory):
+    state = tmp_path_factory.mktemp("autoscaling") / "state"
     up = subprocess.run(
         [str(BIN / "dinor1"), "cluster", "local", "up", "--autoscaling", "--no-mlflow",
          "--state-dir", str(state), "--port", str(free_port()), "--dashboard-port",
          str(free_port()), "--object-store-mb", "256"],
         env=subprocess_env(), capture_output=True, text=True, timeout=180, cwd=ROOT)
     cluster = local_cluster.load_state(state)
-    watch = None
     try:
         assert up.returncode == 0, up.stdout + up.stderr[-3000:]
-        assert _trainer_nodes(cluster) == []  # nothing but the head until work asks
-        watch = NodeWatch(cluster)
-        watch.start()
-        runs = tmp_path / "runs"
-        submitted = time.monotonic()
-        job = subprocess.Popen(
-            [str(BIN / "dinor1"), "submit", "jobs/demo.yaml", "--address", cluster.dashboard_url,
-             "--wait", "--submission-id", "autoscaled",
-             f"data.train_shards={tmp_path / 'shards'}", "data.train_short_sides=[96]",
-             "data.train_max_size=96", "stages.max_steps_per_epoch=20", "stages.sft_epochs=1",
-             "stages.grqo_epochs=1", "checkpointing.every_steps=5",
-             "checkpointing.max_failures=2", f"checkpointing.storage_path={runs}",
-             "mlflow.log_every_steps=1", "scaling.resources_per_worker={trainer: 1}"],
-            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            cwd=ROOT)
-        lines, first_step = [], None
+        yield cluster
+    finally:
+        pids = local_cluster.ray_pids(cluster) if cluster else []
+        down = subprocess.run([str(BIN / "dinor1"), "cluster", "local", "down", "--state-dir",
+                               str(state)], env=subprocess_env(), capture_output=True,
+                              text=True, timeout=120, cwd=ROOT)
+    assert down.returncode == 0, down.stderr[-2000:]
+    assert not [p for p in pids if psutil.pid_exists(p)
+                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
 
-        def read():
-            nonlocal first_step
-            for line in job.stdout:
-                lines.append(line)
-                if first_step is None and line.startswith("[train demo] step "):
-                    first_step = time.monotonic() - submitted
 
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        # the first complete checkpoint (step 5): then one trainer node goes, raylet killed
+def _train_and_lose_a_node(cluster, tmp_path, name: str, *overrides: str):
+    """Submit a 40-step demo job needing 2 trainer nodes; right after its first complete
+    checkpoint (step 5) kill one trainer node's raylet; wait for the job. Returns the job's
+    output, the node watch, the run folder and the seconds from submit to the first step."""
+    from ray.util.state import list_placement_groups
+
+    assert _trainer_nodes(cluster) == []  # nothing but the head until work asks
+    synthetic_train_shards(tmp_path, 240, 40)
+    watch = NodeWatch(cluster)
+    watch.start()
+    runs = tmp_path / "runs"
+    submitted = time.monotonic()
+    job = subprocess.Popen(
+        [str(BIN / "dinor1"), "submit", "jobs/demo.yaml", "--address", cluster.dashboard_url,
+         "--wait", "--submission-id", name,
+         f"data.train_shards={tmp_path / 'shards'}", "data.train_short_sides=[96]",
+         "data.train_max_size=96", "stages.max_steps_per_epoch=20", "stages.sft_epochs=1",
+         "stages.grqo_epochs=1", "checkpointing.every_steps=5",
+         "checkpointing.max_failures=2", f"checkpointing.storage_path={runs}",
+         "mlflow.log_every_steps=1", "scaling.resources_per_worker={trainer: 1}", *overrides],
+        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT)
+    lines, first_step = [], []
+
+    def read():
+        for line in job.stdout:
+            lines.append(line)
+            if not first_step and line.startswith("[train demo] step "):
+                first_step.append(time.monotonic() - submitted)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
         deadline = time.monotonic() + 300
         while not list((runs / "demo").glob("checkpoint_*/complete.json")):
             assert job.poll() is None, "".join(lines)[-3000:]
@@ -111,8 +125,6 @@ def test_autoscaled_training_survives_losing_a_node(tmp_path):
         raylets = _trainer_raylets(cluster)
         assert len(raylets) == 2, raylets
         assert len(_trainer_nodes(cluster)) == 2  # 0 -> 2 nodes, as Ray's node table says
-        from ray.util.state import list_placement_groups
-
         bundles = [b["unit_resources"] for g in list_placement_groups(
             address=cluster.dashboard_url, filters=[("state", "=", "CREATED")], detail=True)
             for b in g.bundles]
@@ -120,36 +132,44 @@ def test_autoscaled_training_survives_losing_a_node(tmp_path):
         assert bundles == [{"CPU": 0.5, "trainer": 1.0}] * 2, bundles
         os.kill(raylets[0].pid, signal.SIGKILL)
         assert job.wait(timeout=420) == 0, "".join(lines)[-4000:]
-        reader.join(timeout=10)
-        out = "".join(lines)
-        print(f"\nsubmit -> first step: {first_step:.1f} s")
-        assert out.rstrip().endswith("[submit] job autoscaled: SUCCEEDED"), out[-3000:]
-        # the lost node was replaced by a new one (Ray's table lists the lost one as alive
-        # for a few seconds more: 3 at most at once)
-        assert len(watch.seen) >= 3 and watch.most <= 3, (watch.seen, watch.most)
-        assert (runs / "demo" / "final_model" / "model.safetensors").is_file()
-
-        client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
-        run_id = (runs / "demo" / "mlflow_run_id").read_text().strip()
-        restored = [m.value for m in client.get_metric_history(run_id, "resume/step")]
-        assert restored and all(v >= 5 for v in restored)  # from a checkpoint, not from scratch
-        history = client.get_metric_history(run_id, "loss/total")
-        steps = {m.step for m in history}
-        assert max(steps) == 40 and steps == set(range(1, 41))  # one run, every step
-        print(f"restored from step {restored}; steps trained twice (after the checkpoint, "
-              f"before the loss): {len(history) - len(steps)}")
-        # idle trainer nodes are removed (idle_timeout_minutes: 0.25)
-        deadline = time.monotonic() + 120
-        while _trainer_nodes(cluster):
-            assert time.monotonic() < deadline, "trainer nodes still up after 120 s"
-            time.sleep(1)
     finally:
-        if watch:
-            watch.halt.set()
-        pids = local_cluster.ray_pids(cluster) if cluster else []
-        down = subprocess.run([str(BIN / "dinor1"), "cluster", "local", "down", "--state-dir",
-                               str(state)], env=subprocess_env(), capture_output=True,
-                              text=True, timeout=120, cwd=ROOT)
-    assert down.returncode == 0, down.stderr[-2000:]
-    assert not [p for p in pids if psutil.pid_exists(p)
-                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        watch.halt.set()
+        if job.poll() is None:
+            job.kill()
+    reader.join(timeout=10)
+    out = "".join(lines)
+    assert out.rstrip().endswith(f"[submit] job {name}: SUCCEEDED"), out[-3000:]
+    # the lost node was replaced by a new one (Ray's table lists the lost one as alive for a
+    # few seconds more: 3 at most at once)
+    assert len(watch.seen) >= 3 and watch.most <= 3, (watch.seen, watch.most)
+    assert (runs / "demo" / "final_model" / "model.safetensors").is_file()
+    print(f"\n[{name}] submit -> first step: {first_step[0]:.1f} s")
+    return out, runs
+
+
+def _wait_for_idle_removal(cluster) -> None:
+    deadline = time.monotonic() + 120  # idle_timeout_minutes: 0.25
+    while _trainer_nodes(cluster):
+        assert time.monotonic() < deadline, "trainer nodes still up after 120 s"
+        time.sleep(1)
+
+
+def _history(runs):
+    client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    run_id = (runs / "demo" / "mlflow_run_id").read_text().strip()
+    return client, run_id
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_fixed_workers_survive_losing_a_node(autoscaling, tmp_path):
+    _, runs = _train_and_lose_a_node(autoscaling, tmp_path, "fixed")
+    client, run_id = _history(runs)
+    restored = [m.value for m in client.get_metric_history(run_id, "resume/step")]
+    assert restored and all(v >= 5 for v in restored)  # from a checkpoint, not from scratch
+    history = client.get_metric_history(run_id, "loss/total")
+    steps = {m.step for m in history}
+    assert steps == set(range(1, 41))  # one run, every step
+    print(f"restored from step {restored}; steps trained twice (after the checkpoint, "
+          f"before the loss): {len(history) - len(steps)}")
+    _wait_for_idle_removal(autoscaling)

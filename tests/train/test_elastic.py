@@ -42,6 +42,8 @@ def test_zero2_resumes_at_another_worker_count_both_ways(ray_cluster, tmp_path):
     resumes = sorted((m.step, m.value) for m in
                      client.get_metric_history(run_id, "resume/world_size_before"))
     assert [v for _, v in resumes] == [2.0, 1.0]  # 2 -> 1, then 1 -> 2
+    assert [m.value for m in sorted(client.get_metric_history(run_id, "resume/world_size"),
+                                    key=lambda m: m.step)] == [1.0, 2.0]
     for step, _ in resumes:  # what was saved at that step is what came back
         for part in ("weights", "moments"):
             assert at(f"resume/{part}_checksum", step) == pytest.approx(
