@@ -239,6 +239,24 @@ def test_cloud_config_project_rules(name):
 
 
 @pytest.mark.parametrize("name", sorted(CLOUD))
+def test_cloud_node_types_hold_the_grqo_job(name):
+    """jobs/grqo.yaml's workers (each: cpus_per_worker CPUs, 1 GPU, any custom resources) fit
+    the autoscaler's node types: all of them on one 8-GPU node (the 1-GPU type is for
+    evaluation and small runs), and the 1-GPU type holds one worker."""
+    cfg = load_train_config(ROOT / "jobs" / "grqo.yaml")
+    need = {"CPU": cfg.scaling.cpus_per_worker, "GPU": 1.0, **cfg.scaling.resources_per_worker}
+    config = cloud_config(name)
+
+    def fits(resources: dict) -> int:
+        return int(min(resources.get(k, 0) // v for k, v in need.items()))
+
+    gpus = gpu_types(config)
+    eight = next(t for t in gpus.values() if t["resources"]["GPU"] == 8)
+    assert fits(eight["resources"]) >= cfg.scaling.num_workers
+    assert all(fits(t["resources"]) >= 1 for t in gpus.values())
+
+
+@pytest.mark.parametrize("name", sorted(CLOUD))
 def test_cloud_config_documented_job_is_valid(name):
     """The `ray job submit ... dinor1 train ...` in the header loads with dinor1's config schema
     and keeps shards and checkpoints in the provider's object store."""
