@@ -448,6 +448,11 @@ def load_train_config(path: str | Path | None, overrides: list[str] = (), *,
     return cfg
 
 
+def run_name(cfg: TrainConfig) -> str:
+    """The run's name: its folder in the storage path and its Ray run name."""
+    return cfg.checkpointing.name or cfg.mlflow.run_name or "dinor1"
+
+
 def resolve_paths(cfg: TrainConfig) -> tuple[Path | str, str, str]:
     """(storage folder or object-store URI, run name, MLflow tracking URI) of a job.
 
@@ -458,7 +463,7 @@ def resolve_paths(cfg: TrainConfig) -> tuple[Path | str, str, str]:
     from dinor1.storage import is_uri
 
     location = cfg.checkpointing.storage_path
-    name = cfg.checkpointing.name or cfg.mlflow.run_name or "dinor1"
+    name = run_name(cfg)
     uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if is_uri(location):
         if not uri:

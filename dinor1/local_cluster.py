@@ -241,6 +241,19 @@ def autoscaling_config(template: str | Path, port: int, out: Path) -> Path:
     return out
 
 
+def _autoscaling_head(cluster: LocalCluster, template: str | Path, env: dict,
+                      log) -> tuple[dict, list[str]]:
+    """The head's environment and extra ``ray start`` arguments for Ray's autoscaler with the
+    fake multi-node provider; records the config written for it."""
+    state = Path(cluster.state_dir)
+    cluster.autoscaling_config = str(autoscaling_config(template, cluster.port,
+                                                        state / "autoscaling.yaml"))
+    log(f"[cluster] autoscaler: node types of {template}, started and stopped on demand "
+        f"(config {cluster.autoscaling_config})")
+    return (dict(env, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1"),
+            ["--autoscaling-config", cluster.autoscaling_config])
+
+
 def up(state_dir: str | Path = ".dinor1_cluster", *, nodes: int = 1,
        head_cpus: int | None = None,
        node_cpus: int = 2, port: int = 6379, dashboard_port: int = 8265,
@@ -278,14 +291,8 @@ def up(state_dir: str | Path = ".dinor1_cluster", *, nodes: int = 1,
     try:
         log(f"[cluster] Ray head on {HOST}:{port} ({head_cpus} CPUs, dashboard "
             f"{cluster.dashboard_url})")
-        head_env, extra = env, []
-        if autoscaling:
-            cluster.autoscaling_config = str(autoscaling_config(
-                autoscaling, port, state / "autoscaling.yaml"))
-            head_env = dict(env, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
-            extra = ["--autoscaling-config", cluster.autoscaling_config]
-            log(f"[cluster] autoscaler: node types of {autoscaling}, started and stopped on "
-                f"demand (config {cluster.autoscaling_config})")
+        head_env, extra = _autoscaling_head(cluster, autoscaling, env, log) if autoscaling \
+            else (env, [])
         _ray_start(["--head", "--port", str(port), "--dashboard-host", HOST,
                     "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
                     "--temp-dir", temp_dir, "--ray-client-server-port", str(free_port()),

@@ -94,8 +94,8 @@ def _absolute(value: Any, base: Path) -> Any:
 def build_submission(job_arg: str, overrides: list[str], *, base: Path | None = None
                      ) -> Submission:
     """Validate the job as ``dinor1 train`` would, then build the entrypoint and runtime env."""
-    from dinor1.config import load_train_config, load_yaml
-    from dinor1.jobs_index import resolve_job
+    from dinor1.config import load_train_config, load_yaml, run_name
+    from dinor1.jobs_index import jobs_dir, resolve_job
 
     base = (base or Path.cwd()).resolve()
     job = resolve_job(job_arg)
@@ -106,7 +106,7 @@ def build_submission(job_arg: str, overrides: list[str], *, base: Path | None = 
     job_abs = job.resolve()
     if "://" not in working_dir and job_abs.is_relative_to(working_dir):
         job_ref = str(job_abs.relative_to(working_dir))
-    elif job_abs.parent == _jobs_dir():
+    elif job_abs.parent == jobs_dir().resolve():
         job_ref = job_abs.stem  # a packaged job: the cluster's dinor1 has it too
     else:
         raise UserError(f"{job}: not inside runtime_env.working_dir ({working_dir}), so the job "
@@ -126,14 +126,7 @@ def build_submission(job_arg: str, overrides: list[str], *, base: Path | None = 
         if new != value or any(o.startswith(f"{key}=") for o in overrides):
             resolved.append(f"{key}={json.dumps(new) if isinstance(new, list) else new}")
     entrypoint = [_python(env), "-m", "dinor1.cli", "train", job_ref, *resolved]
-    name = cfg.checkpointing.name or cfg.mlflow.run_name or "dinor1"
-    return Submission(entrypoint=entrypoint, runtime_env=env, job_name=name)
-
-
-def _jobs_dir() -> Path:
-    from dinor1.jobs_index import jobs_dir
-
-    return jobs_dir().resolve()
+    return Submission(entrypoint=entrypoint, runtime_env=env, job_name=run_name(cfg))
 
 
 def _python(env: dict[str, Any]) -> str:

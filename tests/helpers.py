@@ -148,3 +148,18 @@ def tiny_step_batch(device="cpu") -> dict:
         "num_boxes": torch.tensor([2, 1]),
     }
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def left_running(pids: list[int]) -> list[str]:
+    """What is still running of ``pids`` (zombies aside): pid, status, command line."""
+    import psutil
+
+    left = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{pid} {proc.status()} {' '.join(proc.cmdline())[:120]}")
+        except psutil.NoSuchProcess:
+            pass
+    return left

@@ -197,9 +197,8 @@ def universal_copy(ds_folder: Path, out: Path) -> None:
                            strict=True,
                            # our model records no tensor-parallel layout: there is none
                            inject_missing_state=True)
-    sink = contextlib.nullcontext() if is_verbose() else contextlib.ExitStack()
-    with sink as stack:
-        if stack is not None:
+    with contextlib.ExitStack() as stack:
+        if not is_verbose():
             buffer = io.StringIO()
             stack.enter_context(contextlib.redirect_stdout(buffer))
             stack.enter_context(contextlib.redirect_stderr(buffer))

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from dinor1 import local_cluster
-from tests.helpers import free_port, subprocess_env, synthetic_train_shards
+from tests.helpers import free_port, left_running, subprocess_env, synthetic_train_shards
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
@@ -79,8 +79,7 @@ def autoscaling(tmp_path_factory):
                                str(state)], env=subprocess_env(), capture_output=True,
                               text=True, timeout=120, cwd=ROOT)
     assert down.returncode == 0, down.stderr[-2000:]
-    assert not [p for p in pids if psutil.pid_exists(p)
-                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not left_running(pids)
 
 
 def _train_and_lose_a_node(cluster, tmp_path, name: str, *overrides: str):

@@ -14,7 +14,7 @@ import pytest
 
 from dinor1 import local_cluster
 from dinor1.errors import UserError
-from tests.helpers import free_port, subprocess_env, synthetic_train_shards
+from tests.helpers import free_port, left_running, subprocess_env, synthetic_train_shards
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
@@ -105,20 +105,8 @@ def test_two_node_cluster_spreads_training_workers(tmp_path):
         down = _dinor1("cluster", "local", "down", "--state-dir", str(state))
     assert down.returncode == 0, down.stderr[-2000:]
     assert local_cluster.ray_pids(cluster) == []
-    assert not _left_running(pids)
+    assert not left_running(pids)
     assert not local_cluster._alive(cluster.mlflow_pid)
     assert not (state / local_cluster.STATE_NAME).exists()
     assert (state / "mlflow.db").exists()  # the runs are kept
 
-
-def _left_running(pids: list[int]) -> list[str]:
-    """What is still running of ``pids`` (zombies aside): pid, status, command line."""
-    left = []
-    for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            if proc.status() != psutil.STATUS_ZOMBIE:
-                left.append(f"{pid} {proc.status()} {' '.join(proc.cmdline())[:120]}")
-        except psutil.NoSuchProcess:
-            pass
-    return left
