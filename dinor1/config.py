@@ -210,6 +210,13 @@ class ScalingSection(StrictModel):
     num_workers: int = Field(2, gt=0)
     min_workers: int | None = Field(None, gt=0)  # with max_workers: an elastic range
     max_workers: int | None = Field(None, gt=0)
+    # elastic range: how often Ray Train checks whether more workers fit now (then a restart
+    # from the newest checkpoint at the larger size)
+    resize_check_seconds: float = Field(60.0, gt=0)
+    # how long a starting worker group waits for its resources before Ray Train gives up and
+    # decides again (an elastic range: at the size that fits then); none: Ray's own (60 s, or
+    # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)
+    start_timeout_seconds: float | None = Field(None, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)  # 0 = 1 with use_gpu; other values refused

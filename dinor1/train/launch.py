@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -290,6 +291,7 @@ def _trainer(cfg: TrainConfig, settings: WorkerSettings, datasets: dict, storage
         train_loop_config=settings.for_ray(),
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=sc.use_gpu, placement_strategy=sc.placement_strategy,
+            elastic_resize_monitor_interval_s=sc.resize_check_seconds,
             resources_per_worker={"CPU": sc.cpus_per_worker,
                                   **({"GPU": sc.gpus_per_worker or 1} if sc.use_gpu else {}),
                                   **sc.resources_per_worker}),
@@ -309,6 +311,25 @@ def _trainer(cfg: TrainConfig, settings: WorkerSettings, datasets: dict, storage
             logging_config=LoggingConfig(log_level="INFO" if is_verbose() else "WARNING"),
             worker_runtime_env={"env_vars": worker_env()}),
     )
+
+
+@contextlib.contextmanager
+def _start_timeout(seconds: float | None):
+    """``scaling.start_timeout_seconds`` as Ray Train's own variable, which it hands from this
+    driver to its controller (and nothing else reads it); the old value back afterwards."""
+    if seconds is None:
+        yield
+        return
+    name, before = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", os.environ.get(
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
+    os.environ[name] = f"{seconds:g}"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
@@ -343,7 +364,8 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
         start_from=str(latest_checkpoint(cfg.checkpointing.start_from))
         if cfg.checkpointing.start_from else None,
         class_names=contrastive_class_names(cfg, shards.manifest))
-    result = _trainer(cfg, settings, datasets, storage, name).fit()
+    with _start_timeout(cfg.scaling.start_timeout_seconds):
+        result = _trainer(cfg, settings, datasets, storage, name).fit()
     if result.error is None:
         store.write_text(join(storage, name, FINISHED), f"{run_id}\n")
     print(f"[train {name}] {'finished' if result.error is None else 'failed'}: run folder "

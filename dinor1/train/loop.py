@@ -107,6 +107,10 @@ class TrainingRecipe:
                                      f"at step {self.state.step}")
             if self.rank == 0:  # saved totals are sums over all ranks: restored on one rank
                 self.quality.load_state_dict(self.state.data_quality)
+                progress = self.tracker.progress
+                progress.write(f"[train {progress.name}] resumed at step {self.state.step} "
+                               f"on {self.world} worker{'s' * (self.world > 1)}" +
+                               (f" (was {resized_from})" if resized_from != self.world else ""))
             # (lets a user, and the tests, check what was restored)
             sums = state_checksums(self.engine, self.reference.model)
             self.tracker.log_now({"resume/step": float(self.state.step),

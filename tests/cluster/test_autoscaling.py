@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 import psutil
 import pytest
+import yaml
 
 from dinor1 import local_cluster
 from tests.helpers import free_port, left_running, subprocess_env, synthetic_train_shards
@@ -82,14 +83,17 @@ def autoscaling(tmp_path_factory):
     assert not left_running(pids)
 
 
-def _train_and_lose_a_node(cluster, tmp_path, name: str, *overrides: str):
-    """Submit a 40-step demo job needing 2 trainer nodes; right after its first complete
-    checkpoint (step 5) kill one trainer node's raylet; wait for the job. Returns the job's
-    output, the node watch, the run folder and the seconds from submit to the first step."""
+def _train_and_lose_a_node(cluster, tmp_path, name: str, *overrides: str, samples: int = 240,
+                           after_kill=None):
+    """Submit a demo job (1 SFT + 1 GRQO epoch over ``samples`` images, 20 steps each at 2
+    workers unless ``overrides`` say otherwise) needing 2 trainer nodes; right after its first
+    complete checkpoint (step 5) kill one trainer node's raylet, call ``after_kill(lines)`` (the
+    job's output so far, growing); wait for the job. Returns the job's output and the run
+    folder."""
     from ray.util.state import list_placement_groups
 
     assert _trainer_nodes(cluster) == []  # nothing but the head until work asks
-    synthetic_train_shards(tmp_path, 240, 40)
+    synthetic_train_shards(tmp_path, samples, 40)
     watch = NodeWatch(cluster)
     watch.start()
     runs = tmp_path / "runs"
@@ -130,6 +134,8 @@ def _train_and_lose_a_node(cluster, tmp_path, name: str, *overrides: str):
         # each worker's bundle asks for the node type's resource (scaling.resources_per_worker)
         assert bundles == [{"CPU": 0.5, "trainer": 1.0}] * 2, bundles
         os.kill(raylets[0].pid, signal.SIGKILL)
+        if after_kill:
+            after_kill(lines)
         assert job.wait(timeout=420) == 0, "".join(lines)[-4000:]
     finally:
         watch.halt.set()
@@ -171,4 +177,76 @@ def test_fixed_workers_survive_losing_a_node(autoscaling, tmp_path):
     assert steps == set(range(1, 41))  # one run, every step
     print(f"restored from step {restored}; steps trained twice (after the checkpoint, "
           f"before the loss): {len(history) - len(steps)}")
+    _wait_for_idle_removal(autoscaling)
+
+
+def _set_capacity(cluster, nodes: int) -> None:
+    """How many trainer nodes the "cloud" can give: the node type's max_workers in the
+    autoscaler's config, which Ray's autoscaler reads again at each update (every 5 s): a cloud
+    out of spot capacity, then back."""
+    path = Path(cluster.autoscaling_config)
+    config = yaml.safe_load(path.read_text())
+    config["max_workers"] = config["available_node_types"]["trainer"]["max_workers"] = nodes
+    new = path.with_suffix(".new")
+    new.write_text(yaml.safe_dump(config, sort_keys=False))
+    new.replace(path)
+
+
+def _wait_for_line(lines: list[str], text: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not any(text in line for line in lines):
+        assert time.monotonic() < deadline, f"no {text!r} within {seconds:.0f} s:\n" + \
+            "".join(lines)[-3000:]
+        time.sleep(0.5)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_elastic_zero2_run_shrinks_and_grows_back(autoscaling, tmp_path):
+    """min 1 / max 2 workers, ZeRO-2: a node is lost while the cloud has no capacity to replace
+    it; Ray Train goes on with 1 worker from the newest checkpoint (converted to a universal
+    checkpoint); capacity returns, the autoscaler launches a node, Ray Train grows the group
+    back to 2 from the newest checkpoint, and the run finishes in the same MLflow run."""
+    shrunk = []
+
+    def cloud_without_capacity(lines):
+        _set_capacity(autoscaling, 1)  # (right after the kill: no replacement for now)
+        started = time.monotonic()
+        _wait_for_line(lines, "on 1 worker (was 2)", 240)
+        shrunk.append(time.monotonic() - started)
+        _set_capacity(autoscaling, 2)
+
+    try:
+        out, runs = _train_and_lose_a_node(
+            autoscaling, tmp_path, "elastic", "scaling.min_workers=1", "scaling.max_workers=2",
+            "scaling.resize_check_seconds=5", "scaling.start_timeout_seconds=10",
+            "stages.max_steps_per_epoch=null", "deepspeed.zero_stage=2",
+            after_kill=cloud_without_capacity)
+    finally:
+        _set_capacity(autoscaling, 2)
+    resumes = [line.strip() for line in out.splitlines() if "] resumed at step " in line]
+    print("\n".join(resumes) + f"\nloss -> 1 worker: {shrunk[0]:.1f} s")
+    client, run_id = _history(runs)
+    before = sorted((m.step, m.value) for m in
+                    client.get_metric_history(run_id, "resume/world_size_before"))
+    after = sorted((m.step, m.value) for m in client.get_metric_history(run_id,
+                                                                           "resume/world_size"))
+    sizes = [2.0] + [v for _, v in after]
+    assert [v for _, v in before] == sizes[:-1]  # each resume knew the size it came from
+    assert 1.0 in sizes[1:-1] and sizes[-1] == 2.0, (before, after)  # 2 -> ... 1 ... -> 2
+
+    def at(name, step):
+        values = [m.value for m in client.get_metric_history(run_id, name) if m.step == step]
+        assert values, (name, step)
+        return values[-1]
+
+    for step, _ in before:  # weights and every AdamW moment as saved, at each resize
+        for part in ("weights", "moments"):
+            assert at(f"resume/{part}_checksum", step) == pytest.approx(
+                at(f"checkpoint/{part}_checksum", step), rel=1e-9), (part, step)
+    history = client.get_metric_history(run_id, "loss/total")
+    steps = sorted({m.step for m in history})
+    assert steps == list(range(1, steps[-1] + 1))  # one run, no step missing
+    assert client.get_run(run_id).data.tags["dinor1.resized"].startswith("1 -> 2 workers")
+    print(f"steps {steps[-1]}, trained twice (lost at a resize): {len(history) - len(steps)}")
     _wait_for_idle_removal(autoscaling)
