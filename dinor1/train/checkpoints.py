@@ -154,7 +154,7 @@ def load_checkpoint(checkpoint, engine, reference, world_size: int) -> TrainStat
     (:class:`~dinor1.train.stages.GRQOReference`, when the checkpoint has one); returns its
     trainer state.
 
-    A ZeRO-1/2 checkpoint saved by another number of workers than ``world_size`` (an elastic
+    A ZeRO-1/2/3 checkpoint saved by another number of workers than ``world_size`` (an elastic
     run that shrank or grew) cannot be loaded as it is: DeepSpeed refuses optimiser partitions
     of another data-parallel size. It is converted first into DeepSpeed's universal checkpoint
     (every parameter's fp32 weights and Adam moments whole, :func:`universal_copy`) and loaded
@@ -162,7 +162,7 @@ def load_checkpoint(checkpoint, engine, reference, world_size: int) -> TrainStat
     with checkpoint.as_directory() as folder:
         state = TrainState.from_json((Path(folder) / STATE_NAME).read_text(),
                                      source=f"{checkpoint.path}/{STATE_NAME}")
-        if state.zero_stage in (1, 2) and state.world_size != world_size:
+        if state.zero_stage and state.world_size != world_size:
             with tempfile.TemporaryDirectory() as universal:
                 universal_copy(Path(folder) / CHECKPOINT_TAG, Path(universal) / CHECKPOINT_TAG)
                 config = engine._config  # DeepSpeed reads this flag when it loads
@@ -180,7 +180,7 @@ def load_checkpoint(checkpoint, engine, reference, world_size: int) -> TrainStat
 
 
 def universal_copy(ds_folder: Path, out: Path) -> None:
-    """DeepSpeed's ``ds_to_universal`` of one ZeRO-1/2 checkpoint tag folder (all ranks' files)
+    """DeepSpeed's ``ds_to_universal`` of one ZeRO-1/2/3 checkpoint tag folder (all ranks' files)
     into ``out``: in this process, one worker, its console output kept off unless the run is
     verbose. Every rank of a resized run converts its own copy (nothing is shared between
     nodes but the checkpoint); for the model sizes here that takes seconds."""

@@ -242,8 +242,9 @@ def _start_mlflow_run(cfg: TrainConfig, storage: Path | str, name: str, uri: str
 def _steps_per_epoch(cfg: TrainConfig, manifest: dict | None) -> int | None:
     """Optimiser steps per epoch when the shards say how many samples they hold (or the cap)."""
     per_epoch = None
-    if manifest:
-        per_epoch = manifest["num_samples"] // (cfg.data.batch_size * cfg.scaling.num_workers)
+    if manifest:  # (an elastic range: at its full size)
+        workers = cfg.scaling.max_workers or cfg.scaling.num_workers
+        per_epoch = manifest["num_samples"] // (cfg.data.batch_size * workers)
     if cfg.stages.max_steps_per_epoch:
         per_epoch = min(per_epoch or cfg.stages.max_steps_per_epoch,
                         cfg.stages.max_steps_per_epoch)

@@ -169,6 +169,7 @@ class TrainingRecipe:
         from dinor1.train.step import step_seeded, train_step
 
         cfg, state = self.cfg, self.state
+        started = time.monotonic()
         generators = step_seeded(cfg.seed, self.rank, state.step, batch["pixel_values"].device)
         self.reference.before_step(self.engine, stage, state.step)
         set_lr(self.optimizer, self.training.base_lrs, lr_factor(state.step, epoch, cfg))
@@ -188,6 +189,8 @@ class TrainingRecipe:
         self.tracker.log(self.metrics, state.step, epoch=epoch, stage=stage)
         if state.step % cfg.checkpointing.every_steps == 0:
             self.save()
+        if cfg.faults.min_step_seconds:  # (a drill)
+            time.sleep(max(0.0, cfg.faults.min_step_seconds - (time.monotonic() - started)))
         return True
 
     def step_metrics(self, logs: dict, batch: dict, epoch: int, stage: str, timer) -> dict:

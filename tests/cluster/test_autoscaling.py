@@ -87,8 +87,8 @@ def _train_and_lose_a_node(cluster, tmp_path, name: str, *overrides: str, sample
                            after_kill=None):
     """Submit a demo job (1 SFT + 1 GRQO epoch over ``samples`` images, 20 steps each at 2
     workers unless ``overrides`` say otherwise) needing 2 trainer nodes; right after its first
-    complete checkpoint (step 5) kill one trainer node's raylet, call ``after_kill(lines)`` (the
-    job's output so far, growing); wait for the job. Returns the job's output and the run
+    complete checkpoint (step 5) kill one trainer node's raylet, call ``after_kill(lines, job)``
+    (the job's output so far, growing; its process); wait for the job. Returns the job's output and the run
     folder."""
     from ray.util.state import list_placement_groups
 
@@ -135,7 +135,7 @@ def _train_and_lose_a_node(cluster, tmp_path, name: str, *overrides: str, sample
         assert bundles == [{"CPU": 0.5, "trainer": 1.0}] * 2, bundles
         os.kill(raylets[0].pid, signal.SIGKILL)
         if after_kill:
-            after_kill(lines)
+            after_kill(lines, job)
         assert job.wait(timeout=420) == 0, "".join(lines)[-4000:]
     finally:
         watch.halt.set()
@@ -192,12 +192,14 @@ def _set_capacity(cluster, nodes: int) -> None:
     new.replace(path)
 
 
-def _wait_for_line(lines: list[str], text: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
+def _wait_for_line(lines: list[str], job, text: str, seconds: float) -> float:
+    """Seconds until the job printed ``text``."""
+    started = time.monotonic()
     while not any(text in line for line in lines):
-        assert time.monotonic() < deadline, f"no {text!r} within {seconds:.0f} s:\n" + \
-            "".join(lines)[-3000:]
+        assert job.poll() is None and time.monotonic() < started + seconds, \
+            f"no {text!r} within {seconds:.0f} s:\n" + "".join(lines)[-3000:]
         time.sleep(0.5)
+    return time.monotonic() - started
 
 
 @pytest.mark.ray
@@ -207,25 +209,26 @@ def test_elastic_zero2_run_shrinks_and_grows_back(autoscaling, tmp_path):
     it; Ray Train goes on with 1 worker from the newest checkpoint (converted to a universal
     checkpoint); capacity returns, the autoscaler launches a node, Ray Train grows the group
     back to 2 from the newest checkpoint, and the run finishes in the same MLflow run."""
-    shrunk = []
+    waited = []
 
-    def cloud_without_capacity(lines):
+    def cloud_without_capacity(lines, job):
         _set_capacity(autoscaling, 1)  # (right after the kill: no replacement for now)
-        started = time.monotonic()
-        _wait_for_line(lines, "on 1 worker (was 2)", 240)
-        shrunk.append(time.monotonic() - started)
+        waited.append(_wait_for_line(lines, job, "on 1 worker (was 2)", 180))
         _set_capacity(autoscaling, 2)
+        waited.append(_wait_for_line(lines, job, "on 2 workers (was 1)", 180))
 
     try:
         out, runs = _train_and_lose_a_node(
             autoscaling, tmp_path, "elastic", "scaling.min_workers=1", "scaling.max_workers=2",
             "scaling.resize_check_seconds=5", "scaling.start_timeout_seconds=10",
             "stages.max_steps_per_epoch=null", "deepspeed.zero_stage=2",
-            after_kill=cloud_without_capacity)
+            # 30 steps an epoch at 2 workers, 60 at 1: over a minute at 1 worker at the least
+            "faults.min_step_seconds=0.75", after_kill=cloud_without_capacity)
     finally:
         _set_capacity(autoscaling, 2)
     resumes = [line.strip() for line in out.splitlines() if "] resumed at step " in line]
-    print("\n".join(resumes) + f"\nloss -> 1 worker: {shrunk[0]:.1f} s")
+    print("\n".join(resumes) + f"\nnode lost -> on 1 worker: {waited[0]:.1f} s, capacity back "
+          f"-> on 2 workers: {waited[1]:.1f} s")
     client, run_id = _history(runs)
     before = sorted((m.step, m.value) for m in
                     client.get_metric_history(run_id, "resume/world_size_before"))

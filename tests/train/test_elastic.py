@@ -1,7 +1,9 @@
-"""A ZeRO-2 run resumed at another worker count, both ways (2 -> 1 -> 2 workers), as an elastic
+"""A ZeRO-3 run resumed at another worker count, both ways (2 -> 1 -> 2 workers), as an elastic
 run does at each resize: the checkpoint is converted to DeepSpeed's universal checkpoint and
 re-partitioned; weights and every AdamW moment come back as saved, the data position is kept in
-samples, and it all lands in one MLflow run. Real Ray Train, DeepSpeed over gloo, MLflow."""
+samples, and it all lands in one MLflow run. Real Ray Train, DeepSpeed over gloo, MLflow.
+(ZeRO-2, the recommended stage, resizes under the autoscaler: tests/cluster/test_autoscaling.py;
+ZeRO-1 is converted by the same code as ZeRO-2.)"""
 
 from pathlib import Path
 
@@ -16,12 +18,12 @@ ROOT = Path(__file__).parents[2]
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_zero2_resumes_at_another_worker_count_both_ways(ray_cluster, tmp_path):
+def test_zero3_resumes_at_another_worker_count_both_ways(ray_cluster, tmp_path):
     from dinor1.train.launch import run_training
 
     shards = synthetic_train_shards(tmp_path, 96, 24)
     common = [f"data.train_shards={shards}", "data.train_short_sides=[96]",
-              "data.train_max_size=96", "deepspeed.zero_stage=2", "stages.max_steps_per_epoch=3",
+              "data.train_max_size=96", "deepspeed.zero_stage=3", "stages.max_steps_per_epoch=3",
               "checkpointing.every_steps=100", f"checkpointing.storage_path={tmp_path}",
               "mlflow.log_every_steps=1", "checkpointing.resume=true"]
     job = ROOT / "jobs" / "demo.yaml"
