@@ -17,6 +17,7 @@ Ray Train, :func:`restore_point` and :func:`load_checkpoint` find and load one, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -163,8 +164,7 @@ def load_checkpoint(checkpoint, engine, reference, world_size: int) -> TrainStat
         state = TrainState.from_json((Path(folder) / STATE_NAME).read_text(),
                                      source=f"{checkpoint.path}/{STATE_NAME}")
         if state.zero_stage and state.world_size != world_size:
-            with tempfile.TemporaryDirectory() as universal:
-                universal_copy(Path(folder) / CHECKPOINT_TAG, Path(universal) / CHECKPOINT_TAG)
+            with node_universal_copy(Path(folder) / CHECKPOINT_TAG) as universal:
                 config = engine._config  # DeepSpeed reads this flag when it loads
                 config.load_universal_checkpoint = True
                 try:
@@ -179,12 +179,40 @@ def load_checkpoint(checkpoint, engine, reference, world_size: int) -> TrainStat
     return state
 
 
+@contextlib.contextmanager
+def node_universal_copy(ds_folder: Path):
+    """Every worker: the folder holding the universal copy of ``ds_folder`` (under the tag
+    folder's name) made for this node. The node's first worker converts, the others wait for it
+    (a node of 8 GPU workers converts once, not 8 times); it is removed once every worker has
+    loaded. Collective: every rank of the group calls it."""
+    import shutil
+    import uuid
+
+    import ray
+    import ray.train
+    import torch.distributed
+
+    context = ray.train.get_context()
+    token = broadcast_from_rank0(uuid.uuid4().hex[:8], context.get_world_rank())
+    # (the node in the name: the nodes of a cluster on one machine share its temp folder)
+    node = ray.get_runtime_context().get_node_id()[:12]
+    folder = Path(tempfile.gettempdir()) / f"dinor1-universal-{token}-{node}"
+    first = context.get_local_rank() == 0
+    try:
+        if first:
+            universal_copy(ds_folder, folder / CHECKPOINT_TAG)
+        torch.distributed.barrier()
+        yield folder
+        torch.distributed.barrier()  # every worker of the node has read it
+    finally:
+        if first:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def universal_copy(ds_folder: Path, out: Path) -> None:
     """DeepSpeed's ``ds_to_universal`` of one ZeRO-1/2/3 checkpoint tag folder (all ranks' files)
     into ``out``: in this process, one worker, its console output kept off unless the run is
-    verbose. Every rank of a resized run converts its own copy (nothing is shared between
-    nodes but the checkpoint); for the model sizes here that takes seconds."""
-    import contextlib
+    verbose; for the model sizes here that takes seconds."""
     import io
     from types import SimpleNamespace
 
