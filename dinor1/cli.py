@@ -182,6 +182,8 @@ def _add_eval_commands(sub) -> None:
                       "calibrated scores)")
     pred.add_argument("--top-k", type=int, default=100,
                       help="candidate (query, prompt) pairs considered")
+    pred.add_argument("--device", default="auto",
+                      help="cpu, cuda, cuda:N, or auto (the GPU when there is one)")
     pred.add_argument("--short-side", type=int, default=None,
                       help="resize the image to this short side (default: as the training "
                       "run evaluated, from its resolved_config.yaml; else 800)")
@@ -391,7 +393,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from dinor1.eval.predict import PER_PROMPT, parse_box, predict_image
+    from dinor1.predict import PER_PROMPT, parse_box, predict_image
 
     if args.threshold is not None and args.per_prompt is not None:
         raise UserError("give --per-prompt or --threshold, not both")
@@ -400,7 +402,7 @@ def cmd_predict(args) -> int:
         exemplar_path=args.exemplar, text=args.text, out_png=args.out, out_json=args.json,
         threshold=args.threshold, top_k=args.top_k,
         per_prompt=PER_PROMPT if args.per_prompt is None else args.per_prompt,
-        short_side=args.short_side, max_size=args.max_size)
+        short_side=args.short_side, max_size=args.max_size, device=args.device)
     for det in payload["detections"]:
         box = ", ".join(f"{v:.1f}" for v in det["box_xyxy"])
         print(f"{det['label']:<20} {det['score']:.3f}  [{box}]")

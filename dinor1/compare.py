@@ -10,11 +10,9 @@ next to a PNG: evaluation metrics as grouped bars (left) and the training curves
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,13 +101,15 @@ def compare_runs(experiment: str, *, tracking_uri: str | None = None,
     import mlflow
     import pandas as pd
 
+    from dinor1.registry import fluent_tracking_uri
+
     uri = _resolve_uri(tracking_uri)
     client = mlflow.MlflowClient(uri)
     if client.get_experiment_by_name(experiment) is None:
         names = sorted(e.name for e in client.search_experiments())
         raise UserError(f"MLflow experiment {experiment!r} not found at {uri} "
                         f"(experiments there: {', '.join(names) or 'none'})")
-    with _tracking_uri(uri):
+    with fluent_tracking_uri(uri):
         found: list[Run] = mlflow.search_runs(experiment_names=[experiment],
                                               output_format="list",
                                               order_by=["attributes.start_time ASC"])
@@ -163,20 +163,6 @@ def _resolve_uri(tracking_uri: str | None) -> str:
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise UserError(f"no MLflow database at {uri[len('sqlite:///'):]} (from {uri})")
     return uri
-
-
-@contextlib.contextmanager
-def _tracking_uri(uri: str) -> Iterator[None]:
-    """``mlflow.search_runs`` reads the global tracking URI; set it, then put the old one back
-    (``set_tracking_uri`` mirrors itself into MLFLOW_TRACKING_URI, so that is the old one)."""
-    import mlflow
-
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def _merge_eval_runs(found: list[Run]) -> tuple[list[tuple[Run, dict]], dict[str, str]]:

@@ -294,7 +294,11 @@ class MLflowSection(StrictModel):
     # if the tracking server is unreachable when training ends, wait this long for it before
     # reporting what was not delivered (kept in a spool file for `dinor1 mlflow sync`)
     final_sync_seconds: float = Field(60.0, ge=0)
+    # the final model as an MLflow model in the run (dinor1/registry.py), and with a name a new
+    # version of that registered model (eval metrics on it), with this alias set on it
+    log_model: bool = True
     register_model: str | None = None
+    register_alias: str | None = None
 
 
 class EvalSection(StrictModel):

@@ -155,7 +155,7 @@ def pick_val_prompt(coco_dir: Path) -> tuple[Path, list[float], str]:
 
 def demo_prediction(out_dir: Path, checkpoint: str, started: float) -> Path:
     """``dinor1 predict`` with its defaults on a val image, prompted with one object's box."""
-    from dinor1.eval.predict import PromptBox, predict_image
+    from dinor1.predict import PromptBox, predict_image
 
     image, box, name = pick_val_prompt(out_dir / "coco")
     spec = ",".join(str(v) for v in box) + f":{name.replace(' ', '_')}"

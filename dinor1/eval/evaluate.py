@@ -47,15 +47,20 @@ class ModelSource:
     train_run_id: str | None = None
 
 
-def resolve_checkpoint(checkpoint: str | None) -> ModelSource:
+def resolve_checkpoint(checkpoint: str | None, tracking_uri: str | None = None) -> ModelSource:
     """A dinor1 model directory, a training run folder (``<storage>/<name>``, whose
-    ``final_model`` is used), a Hugging Face checkpoint directory or hub name, or a preset."""
+    ``final_model`` is used), a registered or logged MLflow model (``models:/NAME/VERSION``,
+    ``models:/NAME@ALIAS``, ``runs:/RUN/model``: downloaded from ``tracking_uri``, default
+    MLflow's own), a Hugging Face checkpoint directory or hub name, or a preset."""
     from dinor1.model.presets import PRESETS
+    from dinor1.registry import download_model, is_model_uri
 
     if not checkpoint:
         raise UserError("config key 'eval.checkpoint' is required (checkpoint=PATH)")
     if checkpoint in PRESETS:
         return ModelSource(checkpoint)
+    if is_model_uri(checkpoint):
+        return ModelSource(*download_model(checkpoint, tracking_uri))
     from dinor1 import storage
 
     if storage.is_uri(checkpoint):  # a run folder or model directory in an object store
@@ -322,8 +327,8 @@ def evaluate(cfg: TrainConfig, *, log_mlflow: bool = True) -> EvalOutcome:
     scorer = cfg.eval.scorer
     if scorer == "auto":
         scorer = "lvis" if dataset_name.lower().startswith("lvis") else "coco"
-    source = resolve_checkpoint(cfg.eval.checkpoint)
     storage, name, uri = resolve_paths(cfg)
+    source = resolve_checkpoint(cfg.eval.checkpoint, uri)
     out_dir = Path(cfg.eval.out_dir or local_output_dir(storage, name, "eval"))
     out_dir = out_dir.expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -381,7 +386,23 @@ def evaluate(cfg: TrainConfig, *, log_mlflow: bool = True) -> EvalOutcome:
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if log_mlflow:
         outcome.run_id = log_eval_run(cfg, uri, source, outcome)
+        register_evaluated(cfg, uri, source, outcome)
     return outcome
+
+
+def register_evaluated(cfg: TrainConfig, uri: str, source: ModelSource,
+                       outcome: EvalOutcome) -> None:
+    """With ``mlflow.register_model``: the evaluated model as an MLflow model in the eval run,
+    registered as a new version with these metrics (and the generic prompts the evaluation
+    built, which the model then serves)."""
+    if not cfg.mlflow.register_model:
+        return
+    from dinor1.registry import log_model
+
+    prompts = sorted(outcome.out_dir.rglob(PROMPTS_FILE))
+    log_model(source.path, run_id=outcome.run_id, tracking_uri=uri, metrics=outcome.metrics,
+              register_as=cfg.mlflow.register_model, alias=cfg.mlflow.register_alias,
+              generic_prompts=prompts[0] if len(prompts) == 1 else None)
 
 
 def _artifact_dir(prefix: str, path: Path, outcome: EvalOutcome) -> str:

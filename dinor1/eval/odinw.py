@@ -52,6 +52,7 @@ def evaluate_odinw(cfg: TrainConfig, *, log_mlflow: bool = True):
         eval_location,
         evaluate,
         log_eval_run,
+        register_evaluated,
         resolve_checkpoint,
     )
     from dinor1.eval.scoring import odinw_summary
@@ -102,5 +103,7 @@ def evaluate_odinw(cfg: TrainConfig, *, log_mlflow: bool = True):
                           images_per_s=metrics["eval/images_per_s"], scoring_seconds=scoring,
                           quality=quality)
     if log_mlflow:
-        outcome.run_id = log_eval_run(cfg, uri, resolve_checkpoint(cfg.eval.checkpoint), outcome)
+        source = resolve_checkpoint(cfg.eval.checkpoint, uri)
+        outcome.run_id = log_eval_run(cfg, uri, source, outcome)
+        register_evaluated(cfg, uri, source, outcome)
     return outcome

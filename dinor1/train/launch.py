@@ -333,6 +333,26 @@ def _start_timeout(seconds: float | None):
             os.environ[name] = before
 
 
+def _log_final_model(cfg: TrainConfig, final_dir: str, run_id: str, uri: str) -> None:
+    """The final model as an MLflow model in the run, registered when ``mlflow.register_model``
+    names it, the run's last evaluation metrics on it. A tracking server down now costs the
+    logging only (one line), not the run: the model is in the run folder."""
+    import mlflow
+
+    from dinor1.registry import log_model
+    from dinor1.train.mlflow_writer import one_line
+
+    try:
+        metrics = {k: v for k, v in mlflow.MlflowClient(uri).get_run(run_id).data.metrics.items()
+                   if k.startswith("eval/")}
+        log_model(final_dir, run_id=run_id, tracking_uri=uri, metrics=metrics,
+                  register_as=cfg.mlflow.register_model, alias=cfg.mlflow.register_alias,
+                  log=lambda line: print(line, file=sys.stderr))
+    except Exception as exc:  # noqa: BLE001 - whatever MLflow raises: the run itself is done
+        print(f"[mlflow] the final model was not logged to MLflow ({one_line(exc)[:300]}); it "
+              f"is in {final_dir}", file=sys.stderr)
+
+
 def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
     """Start (or resume) the job; returns Ray Train's Result."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -369,6 +389,8 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
         result = _trainer(cfg, settings, datasets, storage, name).fit()
     if result.error is None:
         store.write_text(join(storage, name, FINISHED), f"{run_id}\n")
+        if cfg.mlflow.log_model and run_id:
+            _log_final_model(cfg, settings.final_model_dir, run_id, uri)
     print(f"[train {name}] {'finished' if result.error is None else 'failed'}: run folder "
           f"{join(storage, name)} (checkpoints, final_model, resolved_config.yaml); MLflow run "
           f"{run_id} at {uri}", file=sys.stderr)

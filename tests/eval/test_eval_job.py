@@ -114,7 +114,8 @@ def test_trained_model_evaluates_end_to_end(ray_cluster, dataset, tmp_path, caps
                  f"data.val_shards={dataset / 'val'}", f"eval.support_shards={dataset / 'support'}",
                  f"checkpointing.storage_path={tmp_path}", *SIZE,
                  "eval.prompt_modes=[generic,interactive,text]", "eval.num_actors=2",
-                 "eval.cpus_per_actor=0.5", "eval.prompts_per_class=4", "eval.grid_images=4"])
+                 "eval.cpus_per_actor=0.5", "eval.prompts_per_class=4", "eval.grid_images=4",
+                 "mlflow.register_model=demo-detector", "mlflow.register_alias=champion"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "== generic prompts: 23 images, 1 skipped ==" in printed
@@ -139,6 +140,33 @@ def test_trained_model_evaluates_end_to_end(ray_cluster, dataset, tmp_path, caps
             "eval/per_category_generic.csv", "eval/detections_text.json"} <= logged
     assert [a.path for a in client.list_artifacts(run.info.run_id, "prompts")] == [
         "prompts/generic_prompts.safetensors"]
+
+    # the training run logged its final model with the metrics of its last evaluation
+    trained = client.search_logged_models([run.info.experiment_id],
+                                          filter_string=f"source_run_id = '{train_run}'")
+    assert len(trained) == 1
+    assert float(trained[0].tags["eval/generic/AP50"]) == pytest.approx(during[0].value,
+                                                                         rel=1e-5)
+    # the eval registered the model it scored: a version of the eval run with its metrics on
+    # it, and the generic prompts it built, which the MLflow model then uses
+    version = client.get_model_version_by_alias("demo-detector", "champion")
+    assert version.run_id == run.info.run_id
+    assert float(version.tags["eval/generic/AP"]) == pytest.approx(metrics["eval/generic/AP"],
+                                                                   abs=1e-6)
+    import base64
+
+    import pandas as pd
+
+    from dinor1.registry import fluent_tracking_uri
+
+    with fluent_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        model = mlflow.pyfunc.load_model(f"models:/demo-detector/{version.version}")
+    image = sorted((dataset.parent / "coco" / "images" / "val").iterdir())[0]
+    request = {"image": base64.b64encode(image.read_bytes()).decode(), "prompts": "generic",
+               "threshold": 0.0, "top_k": 5}
+    found = json.loads(model.predict(pd.DataFrame({"request": [json.dumps(request)]}))
+                       ["detections"][0])
+    assert len(found) == 5 and {d["label"] for d in found} <= set(prompts.names)
 
 
 def test_eval_needs_a_checkpoint(dataset, tmp_path, capsys):

@@ -8,8 +8,8 @@ import torch
 import yaml
 from PIL import Image
 
+from dinor1.api import PER_PROMPT, best_per_prompt, duplicate
 from dinor1.cli import main
-from dinor1.eval.predict import PER_PROMPT, best_per_prompt, duplicate
 from dinor1.model.dino_r1 import DinoR1
 from tests.helpers import write_image
 

@@ -16,7 +16,14 @@ import mlflow
 import pytest
 
 from dinor1.local_cluster import pids_of_ray
-from tests.helpers import MlflowServer, free_port, subprocess_env, synthetic_train_shards, wait_http
+from tests.helpers import (
+    MlflowServer,
+    free_port,
+    subprocess_env,
+    synthetic_train_shards,
+    wait_http,
+    write_image,
+)
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
@@ -73,6 +80,7 @@ def test_ray_job_submit_demo_job(ray_head, mlflow_server, tmp_path):
         "stages.max_steps_per_epoch=2", "stages.sft_epochs=1", "stages.grqo_epochs=1",
         f"checkpointing.storage_path={tmp_path / 'runs'}",
         f"mlflow.tracking_uri={mlflow_server}", "mlflow.log_every_steps=1",
+        "mlflow.register_model=dinor1-demo", "mlflow.register_alias=champion",
     ]
     for _ in range(10):  # a fresh head's job agent takes a few seconds to register
         proc = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True,
@@ -95,6 +103,16 @@ def test_ray_job_submit_demo_job(ray_head, mlflow_server, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "final_model" in artifacts
     assert json.loads(json.dumps(run.data.tags))["world_size"] == "2"
+    # the final model, registered: the version of the training run, loadable by its alias
+    version = client.get_model_version_by_alias("dinor1-demo", "champion")
+    assert version.version == "1" and version.run_id == run.info.run_id
+    from dinor1 import Detector
+
+    detector = Detector.from_pretrained("models:/dinor1-demo@champion",
+                                        tracking_uri=mlflow_server)
+    image = tmp_path / "image.jpg"
+    write_image(image, 96, 80, seed=3)
+    assert detector(str(image), text="circle . square")
 
 
 @pytest.mark.ray
