@@ -237,6 +237,28 @@ def build_parser() -> argparse.ArgumentParser:
     from dinor1.local_cluster import add_cluster_parser
 
     add_cluster_parser(sub)
+    srv = sub.add_parser(
+        "serve", help="a model behind HTTP on Ray Serve (POST /detect; docs/serving.md)",
+        description="Serves CHECKPOINT (a model directory, run folder, preset, or "
+        "models:/NAME/VERSION, models:/NAME@ALIAS) until Ctrl-C. Requests are batched.")
+    _verbose_flag(srv)
+    srv.add_argument("checkpoint")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--replicas", type=int, default=1, help="a fixed number of replicas")
+    srv.add_argument("--min-replicas", type=int, default=None,
+                     help="with --max-replicas: autoscaling replicas")
+    srv.add_argument("--max-replicas", type=int, default=None)
+    srv.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
+    srv.add_argument("--cpus-per-replica", type=float, default=1.0)
+    srv.add_argument("--max-batch-size", type=int, default=16)
+    srv.add_argument("--batch-wait-ms", type=float, default=5.0,
+                     help="how long a batch waits for more requests")
+    srv.add_argument("--generic-prompts", default=None,
+                     help="a generic prompts file served for prompts: generic")
+    srv.add_argument("--tracking-uri", default=None,
+                     help="MLflow for models:/ URIs (default: MLFLOW_TRACKING_URI)")
+    srv.add_argument("--address", default=None, help="a Ray cluster to join")
     ml = sub.add_parser("mlflow", help="MLflow helpers")
     msub = ml.add_subparsers(dest="mlflow_command", required=True, metavar="COMMAND")
     sync = msub.add_parser(
@@ -360,6 +382,12 @@ def cmd_train(args) -> int:
     return 0 if result.error is None else 1
 
 
+def cmd_serve(args) -> int:
+    from dinor1.serve import serve_forever
+
+    return serve_forever(args)
+
+
 def cmd_submit(args) -> int:
     from dinor1.submit import submit
 
@@ -460,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {"data": cmd_data, "bench": cmd_bench, "train": cmd_train, "demo": cmd_demo,
                 "submit": cmd_submit,
-                "eval": cmd_eval, "predict": cmd_predict, "compare": cmd_compare,
+                "eval": cmd_eval, "predict": cmd_predict, "serve": cmd_serve, "compare": cmd_compare,
                 "cluster": cmd_cluster, "mlflow": cmd_mlflow}
     try:
         return handlers[args.command](args)
