@@ -123,6 +123,14 @@ def _add_training_bench_commands(bsub) -> None:
     ev.add_argument("--checkpoint", default=None, help="default: a random-init tiny-cpu model")
     ev.add_argument("--work-dir", default=None)
     ev.add_argument("overrides", nargs="*", metavar="key=value")
+    sv = bsub.add_parser(
+        "serve", help="dinor1 serve: p50/p99 latency and images/s at 1, 4, 16 clients, and "
+        "the ratio to the same model's batched forward in one process")
+    sv.add_argument("--checkpoint", default=None, help="default: a random-init tiny-cpu model")
+    sv.add_argument("--image-size", type=int, default=128)
+    sv.add_argument("--requests", type=int, default=64, help="requests per client count")
+    sv.add_argument("--max-batch-size", type=int, default=16)
+    sv.add_argument("--work-dir", default=None)
     mem = bsub.add_parser(
         "memory", help="per-worker peak memory and optimizer state, ZeRO-0/2/3 at 2 workers")
     mem.add_argument("--steps", type=int, default=6)
@@ -254,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch-size", type=int, default=16)
     srv.add_argument("--batch-wait-ms", type=float, default=5.0,
                      help="how long a batch waits for more requests")
+    srv.add_argument("--short-side", type=int, default=None,
+                     help="resize images to this short side (default: the training run's "
+                     "evaluation resolution, else 800)")
+    srv.add_argument("--max-size", type=int, default=None, help="... and at most this long side")
     srv.add_argument("--generic-prompts", default=None,
                      help="a generic prompts file served for prompts: generic")
     srv.add_argument("--tracking-uri", default=None,
@@ -337,6 +349,13 @@ def cmd_bench(args) -> int:
 
         run_eval_benchmark(num_images=args.num_images, checkpoint=args.checkpoint,
                            work_dir=args.work_dir, overrides=tuple(args.overrides))
+        return 0
+    if args.bench_command == "serve":
+        from dinor1.bench.serve_speed import run_serve_benchmark
+
+        run_serve_benchmark(checkpoint=args.checkpoint, image_size=args.image_size,
+                            requests_per_level=args.requests, max_batch_size=args.max_batch_size,
+                            work_dir=args.work_dir)
         return 0
     if args.bench_command == "model":
         from dinor1.bench.model_step import run_model_benchmark

@@ -48,13 +48,15 @@ def _deployment_class():
         def __init__(self, checkpoint: str, *, tracking_uri: str | None = None,
                      device: str = "auto", max_batch_size: int = 16,
                      batch_wait_ms: float = 5.0, max_pixels: int = MAX_PIXELS,
-                     generic_prompts: str | None = None):
+                     generic_prompts: str | None = None, short_side: int | None = None,
+                     max_size: int | None = None):
             from dinor1.api import Detector, _load_prompts
             from dinor1.console import configure, is_verbose
 
             configure(is_verbose())
             self.detector = Detector.from_pretrained(checkpoint, device=device,
-                                                     tracking_uri=tracking_uri)
+                                                     tracking_uri=tracking_uri,
+                                                     short_side=short_side, max_size=max_size)
             self.generic = _load_prompts(generic_prompts) if generic_prompts else None
             self.max_pixels = max_pixels
             self.checkpoint = checkpoint
@@ -143,17 +145,34 @@ def _number(key: str, value: str, kind):
         raise UserError(f"{key}: {value!r} is not a number") from exc
 
 
+def quiet_serve() -> None:
+    """Serve's INFO lines in this process (app deploying, deleting) off unless verbose."""
+    import logging
+
+    from dinor1.console import is_verbose
+
+    if not is_verbose():
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
 def build_app(checkpoint: str, *, tracking_uri: str | None = None, device: str = "auto",
               replicas: int = 1, min_replicas: int | None = None,
               max_replicas: int | None = None, max_batch_size: int = 16,
               batch_wait_ms: float = 5.0, cpus_per_replica: float = 1.0,
-              max_pixels: int = MAX_PIXELS, generic_prompts: str | None = None):
+              max_pixels: int = MAX_PIXELS, generic_prompts: str | None = None,
+              short_side: int | None = None, max_size: int | None = None):
     """The Serve application (bind it with ``serve.run``)."""
     import ray
 
     gpus = 1 if device.startswith("cuda") or (
         device == "auto" and ray.is_initialized() and ray.cluster_resources().get("GPU")) else 0
+    from dinor1.console import is_verbose
+
+    verbose = is_verbose()
     options = {"ray_actor_options": {"num_cpus": cpus_per_replica, "num_gpus": gpus},
+               # (the replicas' INFO logs and access log stay in Ray's log files unless verbose)
+               "logging_config": {"log_level": "INFO" if verbose else "WARNING",
+                                  "enable_access_log": verbose},
                # a replica handles several requests at once: they are what a batch is made of
                "max_ongoing_requests": max(2 * max_batch_size, 8)}
     if min_replicas is not None or max_replicas is not None:
@@ -164,7 +183,8 @@ def build_app(checkpoint: str, *, tracking_uri: str | None = None, device: str =
         options["num_replicas"] = replicas
     return _deployment_class().options(**options).bind(
         checkpoint, tracking_uri=tracking_uri, device=device, max_batch_size=max_batch_size,
-        batch_wait_ms=batch_wait_ms, max_pixels=max_pixels, generic_prompts=generic_prompts)
+        batch_wait_ms=batch_wait_ms, max_pixels=max_pixels, generic_prompts=generic_prompts,
+        short_side=short_side, max_size=max_size)
 
 
 def serve_forever(args) -> int:
@@ -177,14 +197,11 @@ def serve_forever(args) -> int:
 
     resolve_checkpoint(args.checkpoint, args.tracking_uri)  # a bad name fails here, in one line
     started_here = start_or_join_ray(args.address)
-    import logging
-
     from ray import serve
 
     from dinor1.console import is_verbose
 
-    if not is_verbose():
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    quiet_serve()
 
     serve.start(http_options={"host": args.host, "port": args.port},
                 logging_config={"log_level": "INFO" if is_verbose() else "WARNING"})
@@ -192,7 +209,8 @@ def serve_forever(args) -> int:
                     replicas=args.replicas, min_replicas=args.min_replicas,
                     max_replicas=args.max_replicas, max_batch_size=args.max_batch_size,
                     batch_wait_ms=args.batch_wait_ms, cpus_per_replica=args.cpus_per_replica,
-                    generic_prompts=args.generic_prompts)
+                    generic_prompts=args.generic_prompts, short_side=args.short_side,
+                    max_size=args.max_size)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{args.host}:{args.port}"
     print(f"[serve] {args.checkpoint} at {url}/detect (health {url}/healthz, {url}/ready); "
