@@ -97,10 +97,10 @@ def run_serve_benchmark(*, checkpoint: str | None = None, image_size: int = 128,
     del detector
 
     started_here = start_or_join_ray(None)
+    quiet_serve()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 logging_config={"log_level": "WARNING"})
-    quiet_serve()
     # the replica may use every core, as the direct forward did (Ray gives an actor as many
     # torch threads as CPUs it asked for)
     serve.run(build_app(checkpoint, device="cpu", max_batch_size=max_batch_size,
