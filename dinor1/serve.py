@@ -36,6 +36,7 @@ class TooLarge(UserError):
 
 def _deployment_class():
     """The Serve deployment (built on first use: importing this module imports no Ray)."""
+    import python_multipart  # noqa: F401 - FastAPI parses form uploads with it: missing, say so here
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from ray import serve

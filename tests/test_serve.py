@@ -1,5 +1,6 @@
-"""`dinor1 serve` on a real local Ray Serve, with real HTTP requests: the detections of
-`dinor1 predict` (JSON and multipart), concurrent clients batched with a corrupt image among
+"""`dinor1 serve models:/NAME@ALIAS` (a model registered in a real `mlflow server`) on a real
+local Ray Serve, with real HTTP requests: the detections `dinor1 predict` gives for the run
+folder the model came from (JSON and multipart), concurrent clients batched with a corrupt image among
 them, bad requests answered 4xx in one line (the replica stays up), and a replica killed by
 PID replaced by Serve. One server for the module, stopped by SIGINT; its processes by PID."""
 
@@ -22,7 +23,7 @@ import yaml
 
 from dinor1.model.dino_r1 import DinoR1
 from dinor1.model.prompts import GenericPrompts
-from tests.helpers import free_port, left_running, subprocess_env, write_image
+from tests.helpers import MlflowServer, free_port, left_running, subprocess_env, write_image
 
 BIN = Path(sys.executable).parent
 
@@ -43,12 +44,33 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(files):
+def registered(files, tmp_path_factory):
+    """The run's final model registered in a real `mlflow server` as served@champion."""
+    import mlflow
+
+    from dinor1.registry import log_model
+
+    mlflow_server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    try:
+        client = mlflow.MlflowClient(mlflow_server.uri)
+        run = client.create_run(client.create_experiment("serve-test"))
+        client.set_terminated(run.info.run_id)
+        log_model(str(files / "run" / "final_model"), run_id=run.info.run_id,
+                  tracking_uri=mlflow_server.uri, register_as="served", alias="champion",
+                  log=lambda line: None)
+        yield mlflow_server.uri
+    finally:
+        mlflow_server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(files, registered):
+    """`dinor1 serve models:/served@champion` (the README's flow: train -> register -> serve)."""
     port = free_port()
     proc = subprocess.Popen(
-        [str(BIN / "dinor1"), "serve", str(files / "run"), "--port", str(port),
-         "--generic-prompts", str(files / "generic.safetensors"), "--max-batch-size", "8",
-         "--cpus-per-replica", "0.5"],
+        [str(BIN / "dinor1"), "serve", "models:/served@champion", "--tracking-uri", registered,
+         "--port", str(port), "--generic-prompts", str(files / "generic.safetensors"),
+         "--max-batch-size", "8", "--cpus-per-replica", "0.5"],
         env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     lines = []
@@ -58,10 +80,10 @@ def server(files):
         while True:
             assert proc.poll() is None, "".join(lines)[-3000:]
             assert time.monotonic() < deadline, "not ready in 180 s:\n" + "".join(lines)[-3000:]
-            try:
-                if requests.get(f"{url}/ready", timeout=5).status_code == 200:
+            try:  # (a busy machine: the proxy may take a while to answer)
+                if requests.get(f"{url}/ready", timeout=30).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:
                 pass
             time.sleep(1)
         yield url
@@ -79,7 +101,7 @@ def server(files):
         time.sleep(1)
     assert not left_running(pids)
     out = "".join(lines)
-    assert f"[serve] {files / 'run'} at {url}/detect" in out and "Traceback" not in out
+    assert f"[serve] models:/served@champion at {url}/detect" in out and "Traceback" not in out
 
 
 def _b64(path: Path) -> str:
