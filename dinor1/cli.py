@@ -271,6 +271,20 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--tracking-uri", default=None,
                      help="MLflow for models:/ URIs (default: MLFLOW_TRACKING_URI)")
     srv.add_argument("--address", default=None, help="a Ray cluster to join")
+    exp = sub.add_parser("export", help="the inference graph as ONNX (dinor1/export.py)")
+    esub = exp.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
+    onnx = esub.add_parser(
+        "onnx", help="image + a fixed number of visual prompt embeddings -> scores, boxes",
+        description="Exports the detection graph for a fixed batch, image size and prompt count "
+        "with torch's dynamo exporter and checks it with onnxruntime against PyTorch.")
+    _verbose_flag(onnx)
+    onnx.add_argument("checkpoint", help="model directory, run folder, preset, or models:/...")
+    onnx.add_argument("--out", required=True, help="the .onnx file to write")
+    onnx.add_argument("--height", type=int, default=800)
+    onnx.add_argument("--width", type=int, default=800)
+    onnx.add_argument("--prompts", type=int, default=1, help="visual prompts per image")
+    onnx.add_argument("--batch", type=int, default=1)
+    onnx.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
     ml = sub.add_parser("mlflow", help="MLflow helpers")
     msub = ml.add_subparsers(dest="mlflow_command", required=True, metavar="COMMAND")
     sync = msub.add_parser(
@@ -401,6 +415,23 @@ def cmd_train(args) -> int:
     return 0 if result.error is None else 1
 
 
+def cmd_export(args) -> int:
+    from dinor1.eval.evaluate import load_model, resolve_checkpoint
+    from dinor1.export import check_onnx, export_onnx
+
+    model = load_model(resolve_checkpoint(args.checkpoint))
+    shape = {"height": args.height, "width": args.width, "prompts": args.prompts,
+             "batch": args.batch}
+    path = export_onnx(model, args.out, **shape)
+    print(f"[export] {path} ({path.stat().st_size / 2**20:.1f} MiB): inputs pixel_values "
+          f"[{args.batch}, 3, {args.height}, {args.width}], pixel_mask, prompts [{args.batch}, "
+          f"{args.prompts}, {model.config.d_model}]; outputs scores, boxes")
+    if not args.no_check:
+        print(f"[export] onnxruntime vs PyTorch: max |difference| "
+              f"{check_onnx(model, path, **shape):.2e}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from dinor1.serve import serve_forever
 
@@ -507,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {"data": cmd_data, "bench": cmd_bench, "train": cmd_train, "demo": cmd_demo,
                 "submit": cmd_submit,
-                "eval": cmd_eval, "predict": cmd_predict, "serve": cmd_serve, "compare": cmd_compare,
+                "eval": cmd_eval, "predict": cmd_predict, "serve": cmd_serve,
+                "export": cmd_export, "compare": cmd_compare,
                 "cluster": cmd_cluster, "mlflow": cmd_mlflow}
     try:
         return handlers[args.command](args)

@@ -144,7 +144,9 @@ class DinoR1(nn.Module):
         batch, count = embeddings.shape[:2]
         if mask is None:
             mask = torch.ones(batch, count, dtype=torch.bool, device=embeddings.device)
-        eye = torch.eye(count, dtype=torch.bool, device=embeddings.device)
+        # (a comparison, not torch.eye: onnxruntime has no boolean EyeLike for an exported graph)
+        index = torch.arange(count, device=embeddings.device)
+        eye = index[:, None] == index[None, :]
         return PromptInputs(embeddings=embeddings, mask=mask,
                             self_attention=eye.expand(batch, count, count),
                             position_ids=torch.zeros(batch, count, dtype=torch.long,
