@@ -49,8 +49,10 @@ def main() -> None:
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {name: t.numpy() for name, t in zip(INPUTS, inputs)}
     ort_seconds = _time(lambda: session.run(None, feed))
+    data = path.with_name(path.name + ".data")  # (large weights go beside the graph)
+    size = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
     print(f"[onnx] {args.preset}, {args.size} px, {args.prompts} prompts: dynamo exporter "
-          f"{exported:.0f} s, {path.stat().st_size / 2**20:.1f} MiB, max |difference| "
+          f"{exported:.0f} s, {size / 2**20:.1f} MiB with its weights, max |difference| "
           f"{difference:.2e}; a forward: PyTorch {1000 * torch_seconds:.1f} ms, onnxruntime "
           f"{1000 * ort_seconds:.1f} ms ({torch_seconds / ort_seconds:.2f}x)")
     legacy = out / "torchscript.onnx"

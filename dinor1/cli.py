@@ -423,7 +423,10 @@ def cmd_export(args) -> int:
     shape = {"height": args.height, "width": args.width, "prompts": args.prompts,
              "batch": args.batch}
     path = export_onnx(model, args.out, **shape)
-    print(f"[export] {path} ({path.stat().st_size / 2**20:.1f} MiB): inputs pixel_values "
+    data = path.with_name(path.name + ".data")  # (large weights go beside the graph)
+    size = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+    print(f"[export] {path}{f' + {data.name}' if data.is_file() else ''} ({size / 2**20:.1f} "
+          f"MiB): inputs pixel_values "
           f"[{args.batch}, 3, {args.height}, {args.width}], pixel_mask, prompts [{args.batch}, "
           f"{args.prompts}, {model.config.d_model}]; outputs scores, boxes")
     if not args.no_check:
