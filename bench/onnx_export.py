@@ -31,7 +31,14 @@ def main() -> None:
     args = parser.parse_args()
     import onnxruntime
 
-    from dinor1.export import INPUTS, PromptedDetection, check_onnx, example_inputs, export_onnx
+    from dinor1.export import (
+        INPUTS,
+        PromptedDetection,
+        check_onnx,
+        example_inputs,
+        export_onnx,
+        exported_files,
+    )
     from dinor1.model.dino_r1 import DinoR1
 
     torch.manual_seed(0)
@@ -49,8 +56,7 @@ def main() -> None:
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {name: t.numpy() for name, t in zip(INPUTS, inputs)}
     ort_seconds = _time(lambda: session.run(None, feed))
-    data = path.with_name(path.name + ".data")  # (large weights go beside the graph)
-    size = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+    size = exported_files(path)[1]
     print(f"[onnx] {args.preset}, {args.size} px, {args.prompts} prompts: dynamo exporter "
           f"{exported:.0f} s, {size / 2**20:.1f} MiB with its weights, max |difference| "
           f"{difference:.2e}; a forward: PyTorch {1000 * torch_seconds:.1f} ms, onnxruntime "

@@ -39,6 +39,10 @@ DEFAULT_RESOLUTION = (800, 1333)  # short side, max size: Grounding DINO's
 CHUNK = 80  # prompts per decoder pass
 
 
+class TooLarge(UserError):
+    """An image (or a request) over the size limit."""
+
+
 @dataclass
 class PromptBox:
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 pixels of the exemplar image
@@ -121,7 +125,7 @@ def read_image(value, what: str = "image", max_pixels: int | None = None) -> np.
             try:
                 image = Image.open(source)
                 if max_pixels and image.width * image.height > max_pixels:
-                    raise UserError(f"{name}: {image.width}x{image.height} is too large (at most "
+                    raise TooLarge(f"{name}: {image.width}x{image.height} is too large (at most "
                                     f"{max_pixels} pixels)")
                 image.load()
             except (UnidentifiedImageError, OSError, Image.DecompressionBombError,
@@ -131,19 +135,22 @@ def read_image(value, what: str = "image", max_pixels: int | None = None) -> np.
     if array.shape[0] < 2 or array.shape[1] < 2:
         raise UserError(f"{what}: {array.shape[1]}x{array.shape[0]} is too small")
     if max_pixels and array.shape[0] * array.shape[1] > max_pixels:
-        raise UserError(f"{what}: {array.shape[1]}x{array.shape[0]} is too large (at most "
+        raise TooLarge(f"{what}: {array.shape[1]}x{array.shape[0]} is too large (at most "
                         f"{max_pixels} pixels)")
     return np.ascontiguousarray(array)
 
 
-def _check_boxes(boxes: list[PromptBox], image: np.ndarray, what: str) -> None:
+def check_boxes(boxes: list[PromptBox], image: np.ndarray, what: str,
+                flag: str = "box") -> None:
+    """Each box has x1 > x0, y1 > y0 and lies inside ``image`` (``what`` names it in the
+    error, ``flag`` names the boxes: ``box``, or ``--box`` for the CLI)."""
     height, width = image.shape[:2]
     for i, prompt in enumerate(boxes, 1):
         x0, y0, x1, y1 = prompt.box
         if not (x1 > x0 and y1 > y0):
-            raise UserError(f"box {i} {list(prompt.box)}: needs x1 > x0 and y1 > y0")
+            raise UserError(f"{flag} {i} {list(prompt.box)}: needs x1 > x0 and y1 > y0")
         if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-            raise UserError(f"box {i} {list(prompt.box)} lies outside the {what} "
+            raise UserError(f"{flag} {i} {list(prompt.box)} lies outside {what} "
                             f"({width}x{height})")
 
 
@@ -214,8 +221,8 @@ class Detector:
             request.boxes = [parse_box(b, i) for i, b in enumerate(boxes, 1)]
             if exemplar is not None:
                 request.exemplar = read_image(exemplar, "exemplar", max_pixels)
-            _check_boxes(request.boxes, request.image if exemplar is None else request.exemplar,
-                         "image" if exemplar is None else "exemplar")
+            check_boxes(request.boxes, request.image if exemplar is None else request.exemplar,
+                        "the image" if exemplar is None else "the exemplar")
         elif text is not None:
             request.text = text_names(text)
         else:

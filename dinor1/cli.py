@@ -110,6 +110,50 @@ def _add_bench_commands(sub) -> None:
     _add_training_bench_commands(bsub)
 
 
+def _add_serving_commands(sub) -> None:
+    """dinor1 serve and dinor1 export (what comes after training)."""
+    srv = sub.add_parser(
+        "serve", help="a model behind HTTP on Ray Serve (POST /detect; docs/serving.md)",
+        description="Serves CHECKPOINT (a model directory, run folder, preset, or "
+        "models:/NAME/VERSION, models:/NAME@ALIAS) until Ctrl-C. Requests are batched.")
+    _verbose_flag(srv)
+    srv.add_argument("checkpoint")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--replicas", type=int, default=1, help="a fixed number of replicas")
+    srv.add_argument("--min-replicas", type=int, default=None,
+                     help="with --max-replicas: autoscaling replicas")
+    srv.add_argument("--max-replicas", type=int, default=None)
+    srv.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
+    srv.add_argument("--cpus-per-replica", type=float, default=1.0)
+    srv.add_argument("--max-batch-size", type=int, default=16)
+    srv.add_argument("--batch-wait-ms", type=float, default=5.0,
+                     help="how long a batch waits for more requests")
+    srv.add_argument("--short-side", type=int, default=None,
+                     help="resize images to this short side (default: the training run's "
+                     "evaluation resolution, else 800)")
+    srv.add_argument("--max-size", type=int, default=None, help="... and at most this long side")
+    srv.add_argument("--generic-prompts", default=None,
+                     help="a generic prompts file served for prompts: generic")
+    srv.add_argument("--tracking-uri", default=None,
+                     help="MLflow for models:/ URIs (default: MLFLOW_TRACKING_URI)")
+    srv.add_argument("--address", default=None, help="a Ray cluster to join")
+    exp = sub.add_parser("export", help="the inference graph as ONNX (dinor1/export.py)")
+    esub = exp.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
+    onnx = esub.add_parser(
+        "onnx", help="image + a fixed number of visual prompt embeddings -> scores, boxes",
+        description="Exports the detection graph for a fixed batch, image size and prompt count "
+        "with torch's dynamo exporter and checks it with onnxruntime against PyTorch.")
+    _verbose_flag(onnx)
+    onnx.add_argument("checkpoint", help="model directory, run folder, preset, or models:/...")
+    onnx.add_argument("--out", required=True, help="the .onnx file to write")
+    onnx.add_argument("--height", type=int, default=800)
+    onnx.add_argument("--width", type=int, default=800)
+    onnx.add_argument("--prompts", type=int, default=1, help="visual prompts per image")
+    onnx.add_argument("--batch", type=int, default=1)
+    onnx.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
+
+
 def _add_training_bench_commands(bsub) -> None:
     over = bsub.add_parser(
         "overhead", help="Ray Train + DeepSpeed (1 worker) vs a plain PyTorch loop, one run")
@@ -245,46 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dinor1.local_cluster import add_cluster_parser
 
     add_cluster_parser(sub)
-    srv = sub.add_parser(
-        "serve", help="a model behind HTTP on Ray Serve (POST /detect; docs/serving.md)",
-        description="Serves CHECKPOINT (a model directory, run folder, preset, or "
-        "models:/NAME/VERSION, models:/NAME@ALIAS) until Ctrl-C. Requests are batched.")
-    _verbose_flag(srv)
-    srv.add_argument("checkpoint")
-    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--replicas", type=int, default=1, help="a fixed number of replicas")
-    srv.add_argument("--min-replicas", type=int, default=None,
-                     help="with --max-replicas: autoscaling replicas")
-    srv.add_argument("--max-replicas", type=int, default=None)
-    srv.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
-    srv.add_argument("--cpus-per-replica", type=float, default=1.0)
-    srv.add_argument("--max-batch-size", type=int, default=16)
-    srv.add_argument("--batch-wait-ms", type=float, default=5.0,
-                     help="how long a batch waits for more requests")
-    srv.add_argument("--short-side", type=int, default=None,
-                     help="resize images to this short side (default: the training run's "
-                     "evaluation resolution, else 800)")
-    srv.add_argument("--max-size", type=int, default=None, help="... and at most this long side")
-    srv.add_argument("--generic-prompts", default=None,
-                     help="a generic prompts file served for prompts: generic")
-    srv.add_argument("--tracking-uri", default=None,
-                     help="MLflow for models:/ URIs (default: MLFLOW_TRACKING_URI)")
-    srv.add_argument("--address", default=None, help="a Ray cluster to join")
-    exp = sub.add_parser("export", help="the inference graph as ONNX (dinor1/export.py)")
-    esub = exp.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
-    onnx = esub.add_parser(
-        "onnx", help="image + a fixed number of visual prompt embeddings -> scores, boxes",
-        description="Exports the detection graph for a fixed batch, image size and prompt count "
-        "with torch's dynamo exporter and checks it with onnxruntime against PyTorch.")
-    _verbose_flag(onnx)
-    onnx.add_argument("checkpoint", help="model directory, run folder, preset, or models:/...")
-    onnx.add_argument("--out", required=True, help="the .onnx file to write")
-    onnx.add_argument("--height", type=int, default=800)
-    onnx.add_argument("--width", type=int, default=800)
-    onnx.add_argument("--prompts", type=int, default=1, help="visual prompts per image")
-    onnx.add_argument("--batch", type=int, default=1)
-    onnx.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
+    _add_serving_commands(sub)
     ml = sub.add_parser("mlflow", help="MLflow helpers")
     msub = ml.add_subparsers(dest="mlflow_command", required=True, metavar="COMMAND")
     sync = msub.add_parser(
@@ -417,16 +422,15 @@ def cmd_train(args) -> int:
 
 def cmd_export(args) -> int:
     from dinor1.eval.evaluate import load_model, resolve_checkpoint
-    from dinor1.export import check_onnx, export_onnx
+    from dinor1.export import check_onnx, export_onnx, exported_files
 
     model = load_model(resolve_checkpoint(args.checkpoint))
     shape = {"height": args.height, "width": args.width, "prompts": args.prompts,
              "batch": args.batch}
     path = export_onnx(model, args.out, **shape)
-    data = path.with_name(path.name + ".data")  # (large weights go beside the graph)
-    size = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
-    print(f"[export] {path}{f' + {data.name}' if data.is_file() else ''} ({size / 2**20:.1f} "
-          f"MiB): inputs pixel_values "
+    files, size = exported_files(path)
+    print(f"[export] {' + '.join(str(f) for f in files)} ({size / 2**20:.1f} MiB): inputs "
+          f"pixel_values "
           f"[{args.batch}, 3, {args.height}, {args.width}], pixel_mask, prompts [{args.batch}, "
           f"{args.prompts}, {model.config.d_model}]; outputs scores, boxes")
     if not args.no_check:

@@ -87,6 +87,14 @@ def export_onnx(model, out: str | Path, *, height: int, width: int, prompts: int
     return out
 
 
+def exported_files(path: str | Path) -> tuple[list[Path], int]:
+    """The files an export wrote (the graph, and its weights beside it when large) and their
+    bytes."""
+    path = Path(path)
+    files = [f for f in (path, path.with_name(path.name + ".data")) if f.is_file()]
+    return files, sum(f.stat().st_size for f in files)
+
+
 def check_onnx(model, path: str | Path, *, height: int, width: int, prompts: int,
                batch: int = 1) -> float:
     """Largest |difference| between onnxruntime (CPU) and PyTorch on an input other than the

@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from dinor1.api import PER_PROMPT, PromptBox, best_per_prompt  # noqa: F401 (re-exported)
 from dinor1.errors import UserError
 
@@ -36,29 +34,6 @@ def parse_box(text: str) -> PromptBox:
     return PromptBox(values, label.strip() or "object")
 
 
-def load_image(path: str | Path, what: str = "--image") -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what}: {path} not found")
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserError(f"{what}: {path} is not a readable image ({exc})") from exc
-
-
-def check_boxes(boxes: list[PromptBox], image: np.ndarray, path: str) -> None:
-    height, width = image.shape[:2]
-    for i, prompt in enumerate(boxes, 1):
-        x0, y0, x1, y1 = prompt.box
-        if not (x1 > x0 and y1 > y0):
-            raise UserError(f"--box {i} {prompt.box}: needs x1 > x0 and y1 > y0")
-        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-            raise UserError(f"--box {i} {prompt.box} lies outside {path} ({width}x{height})")
-
-
 def predict_image(checkpoint: str, image_path: str, *, boxes: list[PromptBox] = (),
                   exemplar_path: str | None = None, text: str | None = None,
                   out_png: str | Path | None = None, out_json: str | Path | None = None,
@@ -71,7 +46,7 @@ def predict_image(checkpoint: str, image_path: str, *, boxes: list[PromptBox] = 
     ``per_prompt`` of each prompt without duplicates (``best_per_prompt``); both among the
     ``top_k`` best (query, prompt) pairs of the image. ``short_side``/``max_size`` default to
     the training run's evaluation resolution, else 800/1333 (:class:`dinor1.api.Detector`)."""
-    from dinor1.api import Detector
+    from dinor1.api import Detector, check_boxes, read_image
     from dinor1.eval.report import draw_detections
 
     if per_prompt < 1:
@@ -80,11 +55,11 @@ def predict_image(checkpoint: str, image_path: str, *, boxes: list[PromptBox] = 
         raise UserError("give prompt boxes (--box) or --text, not both and not neither")
     if text is not None and not [n for n in text.split(".") if n.strip()]:
         raise UserError("--text has no class names (separate names with '.')")
-    image = load_image(image_path)
-    exemplar = load_image(exemplar_path, "--exemplar") if exemplar_path else None
-    if boxes:
+    image = read_image(image_path, "--image")
+    exemplar = read_image(exemplar_path, "--exemplar") if exemplar_path else None
+    if boxes:  # (named as the CLI's flags and files)
         check_boxes(list(boxes), image if exemplar is None else exemplar,
-                    exemplar_path or image_path)
+                    str(exemplar_path or image_path), flag="--box")
     detector = Detector.from_pretrained(checkpoint, device=device, short_side=short_side,
                                         max_size=max_size)
     request = detector.request(image, boxes=list(boxes) or None, exemplar=exemplar, text=text,

@@ -23,15 +23,12 @@ import os
 import sys
 import time
 
+from dinor1.api import TooLarge
 from dinor1.errors import UserError
 
 MAX_PIXELS = 40_000_000  # per image (a 6000 x 6000 photo fits)
 MAX_BODY_BYTES = 64 * 2**20
 APP_NAME = "dinor1"
-
-
-class TooLarge(UserError):
-    pass
 
 
 def _deployment_class():
@@ -82,7 +79,7 @@ def _deployment_class():
             try:
                 parsed = await self._parse(request)
             except UserError as exc:
-                status = 413 if isinstance(exc, TooLarge) or "too large" in str(exc) else 400
+                status = 413 if isinstance(exc, TooLarge) else 400
                 return JSONResponse({"error": " ".join(str(exc).split())}, status_code=status)
             detections = await self.batched(parsed)
             return {"detections": detections, "model": self.checkpoint,

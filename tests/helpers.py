@@ -91,6 +91,17 @@ def subprocess_env(**extra: str) -> dict:
                 **extra)
 
 
+def tiny_model(path: Path) -> Path:
+    """A random-init tiny-cpu model (seed 0) saved at ``path`` (a ``from_pretrained`` dir)."""
+    import torch
+
+    from dinor1.model.dino_r1 import DinoR1
+
+    torch.manual_seed(0)
+    DinoR1.from_pretrained("tiny-cpu").save_pretrained(path)
+    return path
+
+
 def synthetic_train_shards(root: Path, num_train: int, samples_per_shard: int) -> Path:
     """``root/shards``: the synthetic dataset's train split (96 px) written as shards."""
     from dinor1.data_pipelines.converters import load_coco

@@ -8,17 +8,13 @@ import pytest
 import torch
 
 from dinor1.errors import UserError
-from dinor1.model.dino_r1 import DinoR1
 from dinor1.model.prompts import GenericPrompts
-from tests.helpers import write_image
+from tests.helpers import tiny_model, write_image
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model")
-    DinoR1.from_pretrained("tiny-cpu").save_pretrained(path)
-    return path
+    return tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

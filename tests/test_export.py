@@ -2,16 +2,14 @@
 exporter and run by onnxruntime on CPU gives PyTorch's scores and boxes."""
 
 import pytest
-import torch
 
 from dinor1.cli import main
-from dinor1.model.dino_r1 import DinoR1
+from tests.helpers import tiny_model
 
 
 @pytest.mark.slow
 def test_onnx_export_matches_pytorch(tmp_path, capsys):
-    torch.manual_seed(0)
-    DinoR1.from_pretrained("tiny-cpu").save_pretrained(tmp_path / "model")
+    tiny_model(tmp_path / "model")
     out = tmp_path / "detector.onnx"
     assert main(["export", "onnx", str(tmp_path / "model"), "--out", str(out), "--height", "64",
                  "--width", "96", "--prompts", "3"]) == 0

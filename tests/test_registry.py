@@ -9,12 +9,10 @@ import json
 import mlflow
 import pandas as pd
 import pytest
-import torch
 import yaml
 
 from dinor1.errors import UserError
-from dinor1.model.dino_r1 import DinoR1
-from tests.helpers import MlflowServer, write_image
+from tests.helpers import MlflowServer, tiny_model, write_image
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +27,8 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
     """A training run folder as `dinor1 train` leaves it: final_model, resolved_config.yaml."""
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("run")
-    DinoR1.from_pretrained("tiny-cpu").save_pretrained(folder / "final_model")
+    tiny_model(folder / "final_model")
     (folder / "resolved_config.yaml").write_text(yaml.safe_dump(
         {"data": {"eval_short_side": 96, "eval_max_size": 96}}))
     return folder

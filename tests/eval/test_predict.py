@@ -4,22 +4,17 @@ of detections and resolution, and bad inputs."""
 import json
 
 import pytest
-import torch
 import yaml
 from PIL import Image
 
 from dinor1.api import PER_PROMPT, best_per_prompt, duplicate
 from dinor1.cli import main
-from dinor1.model.dino_r1 import DinoR1
-from tests.helpers import write_image
+from tests.helpers import tiny_model, write_image
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model")
-    DinoR1.from_pretrained("tiny-cpu").save_pretrained(path)
-    return path
+    return tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture
