@@ -40,6 +40,14 @@ def _add_data_commands(sub) -> None:
     synth.add_argument("--num-categories", type=int, default=8)
     synth.add_argument("--num-novel", type=int, default=2)
     synth.add_argument("--max-objects", type=int, default=6)
+    synth.add_argument("--num-test", type=int, default=0,
+                       help="images of a held-out test split like val (default: none)")
+    synth.add_argument("--long-tail", type=float, default=0.0, metavar="EXPONENT",
+                       help="train class frequency ~ (rank + 1) ** -EXPONENT, categories "
+                       "labelled rare/common/frequent for APr/APc/APf (default 0: uniform)")
+    synth.add_argument("--num-hard-distractors", type=int, default=0,
+                       help="unlabelled objects of a (shape, colour) pair no category has, per "
+                       "image at most (default 0)")
     synth.add_argument("--samples-per-shard", type=int, default=500)
     synth.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     synth.add_argument("--no-shards", action="store_true", help="write the COCO dataset only")
@@ -242,6 +250,7 @@ def _add_eval_commands(sub) -> None:
     pred.add_argument("--max-size", type=int, default=None,
                       help="... and at most this long side (default: likewise; else 1333)")
     add_compare_parser(sub)
+    _add_sweep_parser(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,6 +335,9 @@ def cmd_data(args) -> int:
             num_categories=args.num_categories,
             num_novel=args.num_novel,
             max_objects=args.max_objects,
+            num_test=args.num_test,
+            long_tail=args.long_tail,
+            num_hard_distractors=args.num_hard_distractors,
             samples_per_shard=args.samples_per_shard,
             workers=args.workers,
             shards=not args.no_shards,
@@ -393,6 +405,35 @@ def cmd_bench(args) -> int:
                          batch_size=args.batch_size, repeats=args.repeats,
                          work_dir=args.work_dir))
     return 0
+
+
+def _add_sweep_parser(sub) -> None:
+    """Register ``sweep`` on an argparse subparsers object."""
+    sw = sub.add_parser(
+        "sweep", help="a Ray Tune search over a job's settings (trials = dinor1 train runs)",
+        description="SWEEP is a sweep YAML (see jobs/sweeps/). Trials are training runs under "
+        "one MLflow parent run, scored with dinor1 eval; running it again resumes an "
+        "interrupted sweep. Then: dinor1 compare --experiment E --sweep NAME.")
+    sw.add_argument("sweep", help="the sweep YAML")
+    sw.add_argument("--address", default=None,
+                    help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    sw.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="more overrides of every run of the sweep (e.g. smaller runs)")
+
+
+def cmd_sweep(args) -> int:
+    from dinor1.compare import compare_sweep
+    from dinor1.sweep import run_sweep
+
+    outcome = run_sweep(args.sweep, ray_address=args.address,
+                        extra_overrides=tuple(args.overrides))
+    table = compare_sweep(outcome.experiment, outcome.name, tracking_uri=outcome.tracking_uri,
+                          out_dir=outcome.folder / "compare")
+    print(table.as_text())
+    print(f"\nwrote {table.markdown} and {table.png}")
+    print(f"MLflow: run {outcome.name} in experiment {outcome.experiment} at "
+          f"{outcome.tracking_uri}")
+    return 0 if all(t["status"] != "failed" for t in outcome.trials) else 1
 
 
 def cmd_train(args) -> int:
@@ -546,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"data": cmd_data, "bench": cmd_bench, "train": cmd_train, "demo": cmd_demo,
                 "submit": cmd_submit,
                 "eval": cmd_eval, "predict": cmd_predict, "serve": cmd_serve,
-                "export": cmd_export, "compare": cmd_compare,
+                "export": cmd_export, "compare": cmd_compare, "sweep": cmd_sweep,
                 "cluster": cmd_cluster, "mlflow": cmd_mlflow}
     try:
         return handlers[args.command](args)

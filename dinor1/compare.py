@@ -10,6 +10,7 @@ next to a PNG: evaluation metrics as grouped bars (left) and the training curves
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -61,6 +62,7 @@ def add_compare_parser(sub) -> None:
         "compare.md and compare.png (eval metrics as bars, training curves) into --out.",
     )
     cmp.add_argument("--experiment", required=True, help="MLflow experiment name")
+    add_sweep_arguments(cmp)
     cmp.add_argument("--metric", nargs="+", action="extend", metavar="M",
                      help="metric columns, e.g. eval/generic/AP50 train/samples_per_s "
                      "(default: every metric whose name starts with eval/)")
@@ -79,6 +81,14 @@ def add_compare_parser(sub) -> None:
 
 
 def cmd_compare(args) -> int:
+    if args.sweep:
+        table = compare_sweep(args.experiment, args.sweep, tracking_uri=args.tracking_uri,
+                              metrics=args.metric, baseline=args.baseline, out_dir=args.out)
+        print(table.as_text())
+        print()
+        for path in (table.csv, table.markdown, table.png):
+            print(f"wrote {path}")
+        return 0
     comparison = compare_runs(args.experiment, tracking_uri=args.tracking_uri,
                               metrics=args.metric, runs=args.runs, out_dir=args.out,
                               curve_metric=args.curve_metric)
@@ -322,4 +332,213 @@ def _plot(table: pd.DataFrame, metric_names: list[str],
     lines.set_xlabel("step")
     lines.set_ylabel(curve_metric)
     lines.set_title(f"training curves: {curve_metric}")
+    fig.savefig(path, dpi=100)
+
+
+# ---------------------------------------------------------------------------------------------
+# a sweep (dinor1 sweep): its trials, their means over seeds, paired differences to a baseline
+
+SWEEP_METRICS = ("AP", "AP50", "novel/AP", "APr")  # per split, the default columns
+
+
+@dataclass
+class SweepComparison:
+    """A sweep's tables: one row per trial; per group of trials that differ only in their seed,
+    the mean and std of each metric and the paired difference to the baseline."""
+
+    trials: pd.DataFrame
+    means: pd.DataFrame
+    paired: pd.DataFrame
+    png: Path
+    csv: Path
+    markdown: Path
+
+    def as_text(self) -> str:
+        parts = [_display(self.trials).to_string(index=False), "",
+                 "mean ± std over seeds", self.means.to_string(index=False)]
+        if len(self.paired):
+            parts += ["", "paired difference to the baseline (same seed): mean ± std (n); "
+                      "* = more than 2 std from 0", self.paired.to_string(index=False)]
+        return "\n".join(parts)
+
+
+def add_sweep_arguments(cmp) -> None:
+    cmp.add_argument("--sweep", default=None, metavar="NAME",
+                     help="tabulate the sweep NAME of the experiment (dinor1 sweep): one row per "
+                     "trial, mean and std over seeds, paired differences to --baseline")
+    cmp.add_argument("--baseline", default=None, metavar="VARIANT",
+                     help="--sweep: the variant paired differences are taken to (default: the "
+                     "sweep file's baseline)")
+
+
+def compare_sweep(experiment: str, sweep: str, *, tracking_uri: str | None = None,
+                  metrics: list[str] | None = None, baseline: str | None = None,
+                  out_dir: str | Path = "compare_output") -> SweepComparison:
+    """Read the trials of sweep ``sweep`` from MLflow and write sweep.csv (a row per trial),
+    sweep.md (all three tables) and sweep.png (means with std bars; paired differences with
+    2-std bars)."""
+    import mlflow
+    import pandas as pd
+
+    from dinor1.registry import fluent_tracking_uri
+    from dinor1.sweep import PARAMS_TAG, ROLE_TAG, SEED_TAG, STOPPED_TAG, SWEEP_TAG, VARIANT_TAG
+
+    uri = _resolve_uri(tracking_uri)
+    with fluent_tracking_uri(uri):
+        found: list[Run] = mlflow.search_runs(
+            experiment_names=[experiment], output_format="list",
+            filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}'",
+            order_by=["attributes.start_time ASC"])
+    parent = [r for r in found if r.data.tags.get(ROLE_TAG) == "sweep"]
+    runs = [r for r in found if r.data.tags.get(ROLE_TAG) == "trial"]
+    if not runs:
+        raise UserError(f"no trials of sweep {sweep!r} in MLflow experiment {experiment!r} at "
+                        f"{uri}")
+    if baseline is None and parent:
+        baseline = parent[0].data.params.get("sweep.baseline")
+        baseline = None if baseline in (None, "None") else baseline
+    records = []
+    for run in runs:
+        tags = run.data.tags
+        params = json.loads(tags.get(PARAMS_TAG, "{}"))
+        status = ("stopped" if tags.get(STOPPED_TAG) else
+                  "complete" if run.info.status == "FINISHED" else run.info.status.lower())
+        records.append({"trial": run.info.run_name, "variant": tags.get(VARIANT_TAG, "?"),
+                        "seed": int(tags.get(SEED_TAG, -1)),
+                        "params": ", ".join(f"{k}={v}" for k, v in sorted(params.items())),
+                        "status": status, **run.data.metrics})
+    table = pd.DataFrame.from_records(records)
+    names = _sweep_metric_columns(table, metrics, sweep)
+    trials = table[["trial", "variant", "seed", "params", "status", *names]]
+    if baseline is not None and baseline not in set(trials["variant"]):
+        raise UserError(f"baseline {baseline!r} is no variant of sweep {sweep!r} (variants: "
+                        f"{', '.join(sorted(set(trials['variant'])))})")
+    means, paired, stats = _sweep_groups(trials, names, baseline)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = SweepComparison(trials=trials, means=means, paired=paired, png=out / "sweep.png",
+                             csv=out / "sweep.csv", markdown=out / "sweep.md")
+    trials.to_csv(result.csv, index=False)
+    text = [f"# sweep {sweep}\n", f"Runs from `{uri}`, experiment `{experiment}`.\n",
+            markdown_table(_display(trials)), "\nMean ± std over seeds:\n",
+            markdown_table(means)]
+    if len(paired):
+        text += [f"\nPaired difference to `{baseline}` (same seed), mean ± std (n); * = more "
+                 "than 2 std from 0:\n", markdown_table(paired)]
+    result.markdown.write_text("\n".join(text) + f"\n\n![sweep]({result.png.name})\n")
+    _plot_sweep(stats, names, baseline, result.png)
+    return result
+
+
+def _sweep_metric_columns(table: pd.DataFrame, metrics: list[str] | None,
+                          sweep: str) -> list[str]:
+    logged = [c for c in table.columns if c.count("/") >= 2]
+    if metrics:
+        missing = [m for m in metrics if m not in table.columns]
+        if missing:
+            raise UserError(f"metric {missing[0]!r} is logged by no trial of sweep {sweep!r} "
+                            f"(there: {', '.join(sorted(logged)) or 'none'})")
+        return list(dict.fromkeys(metrics))
+    splits = sorted({c.split("/", 1)[0] for c in logged}, key=lambda s: (s != "eval", s))
+    return [name for split in splits for name in sorted(
+        (c for c in logged if c.startswith(f"{split}/") and c.split("/", 2)[2] in SWEEP_METRICS),
+        key=lambda c: (SWEEP_METRICS.index(c.split("/", 2)[2]), c))]
+
+
+def _short(name: str) -> str:
+    """``eval/generic/novel/AP`` -> ``eval novel/AP`` (the prompt mode left out)."""
+    split, _, rest = name.split("/", 2)
+    return f"{split} {rest}"
+
+
+def _spread(values: list[float]) -> float:
+    import statistics
+
+    return statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def _sweep_groups(trials: pd.DataFrame, names: list[str], baseline: str | None):
+    """(means table, paired table, raw stats for the plot). A group is a variant with one set
+    of swept values; the baseline trial of a seed is the baseline variant's with the same swept
+    values, else its only trial of that seed."""
+    import pandas as pd
+
+    done = trials[trials["status"] == "complete"]
+    groups = list(dict.fromkeys(zip(done["variant"], done["params"])))
+    base = done[done["variant"] == baseline] if baseline else done.iloc[0:0]
+    means, paired, stats = [], [], []
+    for variant, params in groups:
+        rows = done[(done["variant"] == variant) & (done["params"] == params)]
+        label = variant + (f" ({params})" if params else "")
+        entry = {"group": label, "n": len(rows)}
+        stat = {"group": label, "mean": {}, "std": {}, "diff": {}, "diff_std": {}}
+        for name in names:
+            values = [v for v in rows[name].tolist() if not math.isnan(v)]
+            mean = sum(values) / len(values) if values else math.nan
+            stat["mean"][name], stat["std"][name] = mean, _spread(values)
+            entry[_short(name)] = _pm(mean, stat["std"][name])
+        means.append(entry)
+        if baseline and variant != baseline:
+            pair = {"group": label}
+            for name in names:
+                diffs = []
+                for _, row in rows.iterrows():
+                    match = base[(base["seed"] == row["seed"]) & (base["params"] == params)]
+                    if match.empty:
+                        match = base[base["seed"] == row["seed"]]
+                    if len(match) == 1 and not (math.isnan(row[name])
+                                                or math.isnan(match.iloc[0][name])):
+                        diffs.append(row[name] - match.iloc[0][name])
+                mean = sum(diffs) / len(diffs) if diffs else math.nan
+                spread = _spread(diffs)
+                stat["diff"][name], stat["diff_std"][name] = mean, spread
+                flag = "*" if diffs and spread > 0 and abs(mean) > 2 * spread else ""
+                pair[_short(name)] = f"{mean:+.3f} ± {spread:.3f} ({len(diffs)}){flag}" \
+                    if diffs else "-"
+            paired.append(pair)
+        stats.append(stat)
+    return pd.DataFrame(means), pd.DataFrame(paired), stats
+
+
+def _pm(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.3f}" + ("" if math.isnan(std) else f" ± {std:.3f}")
+
+
+def _plot_sweep(stats: list[dict], names: list[str], baseline: str | None, path: Path) -> None:
+    """Left: each group's mean per metric with std bars. Right: each group's paired difference
+    to the baseline with 2-std bars (a bar clear of 0 is the paper's bar)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(14, 5.5), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    width = 0.8 / max(len(stats), 1)
+    for i, stat in enumerate(stats):
+        xs = [m + (i - (len(stats) - 1) / 2) * width for m in range(len(names))]
+        left.bar(xs, [stat["mean"][n] for n in names], width, color=f"C{i % 10}",
+                 yerr=[0 if math.isnan(stat["std"][n]) else stat["std"][n] for n in names],
+                 capsize=2, label=stat["group"])
+    left.set_xticks(range(len(names)), [_short(n) for n in names], rotation=30, ha="right")
+    left.set_title("mean over seeds (bars: 1 std)")
+    left.legend(fontsize="small")
+    left.grid(axis="y", alpha=0.3)
+    compared = [s for s in stats if s["diff"]]
+    if compared:
+        width = 0.8 / len(compared)
+        for i, stat in enumerate(compared):
+            xs = [m + (i - (len(compared) - 1) / 2) * width for m in range(len(names))]
+            right.bar(xs, [stat["diff"][n] for n in names], width,
+                      color=f"C{stats.index(stat) % 10}",
+                      yerr=[0 if math.isnan(stat["diff_std"][n]) else 2 * stat["diff_std"][n]
+                            for n in names], capsize=2, label=stat["group"])
+        right.axhline(0, color="black", linewidth=0.8)
+        right.set_xticks(range(len(names)), [_short(n) for n in names], rotation=30, ha="right")
+        right.set_title(f"paired difference to {baseline} (bars: 2 std)")
+        right.legend(fontsize="small")
+        right.grid(axis="y", alpha=0.3)
+    else:
+        right.text(0.5, 0.5, "no baseline to pair with", ha="center", va="center",
+                   transform=right.transAxes)
+        right.set_axis_off()
     fig.savefig(path, dpi=100)

@@ -81,11 +81,11 @@ def runtime_env_of(data: dict[str, Any], job: Path, *, base: Path) -> dict[str, 
     return env
 
 
-def _absolute(value: Any, base: Path) -> Any:
+def absolute_path(value: Any, base: Path) -> Any:
     """A relative local path (or list of them) -> absolute against ``base``; URIs, absolute
     paths and preset names (``model.init=tiny-cpu``: not a local folder) stay as they are."""
     if isinstance(value, list):
-        return [_absolute(v, base) for v in value]
+        return [absolute_path(v, base) for v in value]
     if not isinstance(value, str) or "://" in value or os.path.isabs(os.path.expanduser(value)):
         return value
     return str((base / value).resolve())
@@ -122,7 +122,7 @@ def build_submission(job_arg: str, overrides: list[str], *, base: Path | None = 
         value = dumped[section][name]
         if value is None or (key == "model.init" and not (base / str(value)).is_dir()):
             continue
-        new = _absolute(value, base)
+        new = absolute_path(value, base)
         if new != value or any(o.startswith(f"{key}=") for o in overrides):
             resolved.append(f"{key}={json.dumps(new) if isinstance(new, list) else new}")
     entrypoint = [_python(env), "-m", "dinor1.cli", "train", job_ref, *resolved]

@@ -18,6 +18,19 @@ Splits:
 * ``val``: all categories, so novel ones measure open-set detection.
 * ``support``: all categories; image ``i`` always contains category ``i % num_categories``,
   the pool from which "N instances per class" visual prompts are drawn.
+* ``test`` (only with ``num_test > 0``): like ``val``, drawn independently of it: a split to
+  report on after settings were chosen on ``val``.
+
+Settings for a benchmark where generalisation matters (their defaults keep the demo's data):
+``num_novel`` classes held out of training; ``long_tail`` > 0 draws the train split's objects
+from a long-tailed class frequency (class ``k`` of the seen ones has weight ``(k + 1) **
+-long_tail``; val, test and support stay uniform) and labels every category ``frequency`` r/c/f
+by the number of train images it occurs in, with LVIS's thresholds scaled to the split's size
+(LVIS: rare 1-10, common 11-100 images of ~100k; here a fraction ``rare_fraction`` and
+``10 * rare_fraction`` of ``num_train``), so that scoring reports APr/APc/APf as LVIS does;
+``num_hard_distractors`` adds unlabelled objects whose (shape, colour) pair is no category's
+but whose shape and colour each belong to some category, so that neither alone identifies an
+object. Prompts from other images are what generic prompts are (built from the support split).
 
 Every image comes from its own random generator seeded by (seed, split, index), so the output,
 JSON and image bytes alike, does not depend on ``num_workers`` or on earlier runs.
@@ -52,7 +65,7 @@ COLOURS = {
 # Greys and dark browns: far from every category colour even after jitter and shading.
 DISTRACTOR_COLOURS = ((70, 70, 70), (120, 120, 120), (170, 170, 170), (210, 210, 210),
                       (95, 65, 40), (75, 55, 40))
-SPLITS = ("train", "val", "support")
+SPLITS = ("train", "val", "support", "test")  # (the index seeds each image)
 MIN_VISIBLE = 0.3   # fraction of an object's pixels that must stay visible under later objects
 MIN_PIXELS = 8      # smallest annotated object (visible pixels)
 PLACEMENT_TRIES = 20
@@ -78,6 +91,10 @@ class SyntheticConfig:
     max_overlap_iou: float = 0.4     # box IoU allowed with any earlier object (occlusion)
     num_distractors: int = 2         # at most this many unlabelled clutter items per image
     image_format: str = "png"        # "png" or "jpg"
+    num_test: int = 0                # a held-out test split like val (0: none)
+    long_tail: float = 0.0           # train class frequency exponent (0: uniform)
+    rare_fraction: float = 0.01      # rare: in at most this fraction of train images
+    num_hard_distractors: int = 0    # at most this many unlabelled near-miss objects per image
 
     def __post_init__(self):
         def check(name, ok, why):
@@ -86,17 +103,19 @@ class SyntheticConfig:
 
         for name in ("seed", "image_size", "num_train", "num_val", "num_support",
                      "num_categories", "num_novel", "min_objects", "max_objects",
-                     "num_distractors"):
+                     "num_distractors", "num_test", "num_hard_distractors"):
             value = getattr(self, name)
             check(name, isinstance(value, int) and not isinstance(value, bool),
                   "must be an integer")
-        for name in ("min_scale", "max_scale", "max_overlap_iou"):
+        for name in ("min_scale", "max_scale", "max_overlap_iou", "long_tail",
+                     "rare_fraction"):
             value = getattr(self, name)
             check(name, isinstance(value, (int, float)) and not isinstance(value, bool)
                   and math.isfinite(value), "must be a finite number")
         check("seed", self.seed >= 0, "must be >= 0")
         check("image_size", 32 <= self.image_size <= 4096, "must be in 32..4096")
-        for name in ("num_train", "num_val", "num_support", "num_distractors"):
+        for name in ("num_train", "num_val", "num_support", "num_distractors", "num_test",
+                     "num_hard_distractors"):
             check(name, getattr(self, name) >= 0, "must be >= 0")
         most = len(SHAPES) * len(COLOURS)
         check("num_categories", 1 <= self.num_categories <= most, f"must be in 1..{most}")
@@ -111,6 +130,11 @@ class SyntheticConfig:
               f"must be >= min_scale={self.min_scale} and <= 1")
         check("max_overlap_iou", 0 <= self.max_overlap_iou <= 1, "must be in [0, 1]")
         check("image_format", self.image_format in ("png", "jpg"), "must be 'png' or 'jpg'")
+        check("long_tail", 0 <= self.long_tail <= 5, "must be in [0, 5]")
+        check("rare_fraction", 0 < self.rare_fraction <= 0.1, "must be in (0, 0.1]")
+        check("num_hard_distractors", self.num_hard_distractors == 0
+              or self.num_categories < most, f"needs num_categories < {most} (a (shape, colour) "
+              "pair that is no category's)")
 
 
 def category_table(num_categories: int) -> list[dict]:
@@ -266,6 +290,50 @@ def _distractors(canvas: np.ndarray, config: SyntheticConfig, rng: np.random.Gen
             _paint(canvas, *drawn, colour, rng, shade_strength=0.5)
 
 
+def near_miss_pairs(categories: list[dict]) -> list[tuple[str, str]]:
+    """(shape, colour) pairs that are no category's although their shape and their colour
+    each are some category's: what hard distractors are drawn from."""
+    taken = {(c["shape"], c["colour"]) for c in categories}
+    shapes, colours = {c["shape"] for c in categories}, {c["colour"] for c in categories}
+    return [(shape, colour) for shape in SHAPES for colour in COLOURS
+            if shape in shapes and colour in colours and (shape, colour) not in taken]
+
+
+def _hard_distractors(canvas: np.ndarray, index_map: np.ndarray, objects: list[dict],
+                      config: SyntheticConfig, categories: list[dict],
+                      rng: np.random.Generator) -> None:
+    """Unlabelled near-miss objects drawn over the background only (never over an object, so
+    every annotation stays as it is)."""
+    pairs = near_miss_pairs(categories)
+    if not pairs:
+        return
+    size = config.image_size
+    for _ in range(int(rng.integers(0, config.num_hard_distractors + 1))):
+        shape, colour = pairs[int(rng.integers(len(pairs)))]
+        radius = rng.uniform(config.min_scale, config.max_scale) * size / 2
+        drawn = _shape_mask(shape, size, rng.uniform(0.7 * radius, size - 0.7 * radius, 2),
+                            radius, rng.uniform(0, 2 * math.pi), rng.uniform(0.8, 1.25))
+        if drawn is None:
+            continue
+        mask, (x0, y0) = drawn
+        window = index_map[y0:y0 + mask.shape[0], x0:x0 + mask.shape[1]]
+        if (window[mask] >= 0).any():
+            continue
+        _paint(canvas, mask, (x0, y0), COLOURS[colour], rng)
+
+
+def frequency_labels(train_annotations: list[dict], num_train: int,
+                     rare_fraction: float) -> dict[int, str]:
+    """Category id -> "r", "c" or "f" by the number of train images it occurs in (LVIS's rule,
+    scaled: rare up to ``rare_fraction`` of the images, common up to ten times that)."""
+    images: dict[int, set] = {}
+    for ann in train_annotations:
+        images.setdefault(ann["category_id"], set()).add(ann["image_id"])
+    rare, common = rare_fraction * num_train, 10 * rare_fraction * num_train
+    return {cid: ("r" if len(ids) <= rare else "c" if len(ids) <= common else "f")
+            for cid, ids in images.items()}
+
+
 def _box_iou(a, b) -> float:
     iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -290,7 +358,12 @@ def render_scene(config: SyntheticConfig, split: str, index: int,
     _distractors(canvas, config, rng)
 
     wanted = int(rng.integers(config.min_objects, config.max_objects + 1))
-    chosen = [allowed[int(rng.integers(len(allowed)))] for _ in range(wanted)]
+    if split == "train" and config.long_tail > 0:
+        weights = np.arange(1, len(allowed) + 1, dtype=np.float64) ** -config.long_tail
+        picks = rng.choice(len(allowed), size=wanted, p=weights / weights.sum())
+        chosen = [allowed[int(k)] for k in picks]
+    else:  # (the draws of the demo's data, unchanged)
+        chosen = [allowed[int(rng.integers(len(allowed)))] for _ in range(wanted)]
     if split == "support":
         chosen[0] = categories[index % len(categories)]
     # index_map[y, x] = index of the object that owns the pixel (-1: background), painted in
@@ -331,6 +404,8 @@ def render_scene(config: SyntheticConfig, split: str, index: int,
             break
     if not objects:
         raise RuntimeError(f"could not place any object in {split} image {index}")
+    if config.num_hard_distractors:
+        _hard_distractors(canvas, index_map, objects, config, categories, rng)
 
     annotations = []
     for j, o in enumerate(objects):
@@ -392,13 +467,16 @@ def generate_synthetic_coco(out_dir: str | Path, config: SyntheticConfig = Synth
     first_novel = config.num_categories - config.num_novel
     coco_categories = [{"id": c["id"], "name": c["name"], "supercategory": c["supercategory"],
                         "novel": k >= first_novel} for k, c in enumerate(categories)]
-    counts = {"train": config.num_train, "val": config.num_val, "support": config.num_support}
+    counts = {"train": config.num_train, "val": config.num_val, "support": config.num_support,
+              "test": config.num_test}
     paths, pool = {}, None
     try:
-        for split in SPLITS:
+        for split in [s for s in SPLITS if s != "test" or config.num_test]:
             paths[split] = path = out / "annotations" / f"instances_{split}.json"
             folder = out / "images" / split
             if _is_current(path, config, folder):
+                if split == "train" and config.long_tail > 0:
+                    coco_categories = json.loads(path.read_text())["categories"]
                 continue
             folder.mkdir(parents=True, exist_ok=True)
             tasks = [(config, split, i, categories, str(folder)) for i in range(counts[split])]
@@ -416,6 +494,10 @@ def generate_synthetic_coco(out_dir: str | Path, config: SyntheticConfig = Synth
                                "width": config.image_size, "height": config.image_size})
                 for ann in anns:
                     annotations.append({"id": len(annotations) + 1, "image_id": index + 1, **ann})
+            if split == "train" and config.long_tail > 0:  # every split carries the labels
+                labels = frequency_labels(annotations, config.num_train, config.rare_fraction)
+                coco_categories = [c if c["novel"] else {**c, "frequency": labels.get(c["id"], "r")}
+                                   for c in coco_categories]
             # images of an earlier, larger or differently formatted run would linger otherwise
             keep = {im["file_name"] for im in images}
             for stale in folder.iterdir():

@@ -261,9 +261,24 @@ def score_coco(gt: dict | str | Path, detections: list[dict] | str | Path, *,
                                ("novel", [k for k, c in enumerate(category_ids) if c in novel])):
             metrics[f"{group}/AP"] = slicer.ap(cats=members) if members else -1.0
             metrics[f"{group}/AP50"] = slicer.ap(iou=0.5, cats=members) if members else -1.0
+    metrics.update(_frequency_groups(slicer, gt, [int(c) for c in evaluator.params.catIds]))
     metrics = _zero_absent(metrics)
     metrics["dropped_detections"] = float(dropped)
     return _result(evaluator, slicer, gt, metrics, lines, novel or None)
+
+
+def _frequency_groups(slicer: _Slicer, gt: dict, category_ids: list[int]) -> dict[str, float]:
+    """APr, APc, APf (and AP50 of each) over the categories whose ``frequency`` label is r, c
+    or f, for a dataset that labels them (the long-tailed synthetic one); {} otherwise."""
+    frequency = {c["id"]: c.get("frequency") for c in gt["categories"]}
+    if not any(frequency.get(c) in ("r", "c", "f") for c in category_ids):
+        return {}
+    metrics = {}
+    for label in ("r", "c", "f"):
+        members = [k for k, c in enumerate(category_ids) if frequency.get(c) == label]
+        metrics[f"AP{label}"] = slicer.ap(cats=members) if members else -1.0
+        metrics[f"AP{label}50"] = slicer.ap(iou=0.5, cats=members) if members else -1.0
+    return metrics
 
 
 def _top_per_image(detections: list[dict], limit: int) -> list[dict]:

@@ -28,8 +28,10 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def mlflow_run(cfg: TrainConfig, storage: Path | str, name: str, uri: str) -> str:
-    """Create (or, for a resumed run folder, reuse) the MLflow run; returns its id."""
+def mlflow_run(cfg: TrainConfig, storage: Path | str, name: str, uri: str,
+               tags: dict[str, str] | None = None) -> str:
+    """Create (or, for a resumed run folder, reuse) the MLflow run; returns its id. ``tags``
+    go on a new run (e.g. ``mlflow.parentRunId``: a sweep's trial under its sweep's run)."""
     import mlflow
 
     import dinor1
@@ -46,7 +48,7 @@ def mlflow_run(cfg: TrainConfig, storage: Path | str, name: str, uri: str) -> st
 
     run = client.create_run(experiment, run_name=cfg.mlflow.run_name or name, tags={
         "git_commit": _git_commit(), "dinor1": dinor1.__version__, "torch": torch.__version__,
-        "ray": ray.__version__, "python": sys.version.split()[0]})
+        "ray": ray.__version__, "python": sys.version.split()[0], **(tags or {})})
     params = flatten(cfg.model_dump(mode="json"))
     items = list(params.items())
     from mlflow.entities import Param
@@ -220,7 +222,8 @@ def _connection_refused(uri: str) -> str | None:
     return None
 
 
-def _start_mlflow_run(cfg: TrainConfig, storage: Path | str, name: str, uri: str) -> str:
+def _start_mlflow_run(cfg: TrainConfig, storage: Path | str, name: str, uri: str,
+                      tags: dict[str, str] | None = None) -> str:
     """The run's MLflow run id; a tracking server that does not answer stops here, in one line.
     """
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # seconds, not minutes
@@ -229,7 +232,7 @@ def _start_mlflow_run(cfg: TrainConfig, storage: Path | str, name: str, uri: str
         raise UserError(f"mlflow.tracking_uri {uri}: the tracking server does not answer "
                         f"({refused}); nothing was started")
     try:
-        return mlflow_run(cfg, storage, name, uri)
+        return mlflow_run(cfg, storage, name, uri, tags)
     except Exception as exc:  # noqa: BLE001 - MLflow wraps connection errors in its own type
         from dinor1.train.mlflow_writer import one_line, rejected
 
@@ -271,7 +274,8 @@ def _datasets(cfg: TrainConfig, shards) -> tuple[dict, list[dict]]:
     return datasets, categories
 
 
-def _trainer(cfg: TrainConfig, settings: WorkerSettings, datasets: dict, storage, name: str):
+def _trainer(cfg: TrainConfig, settings: WorkerSettings, datasets: dict, storage, name: str,
+             callbacks: list | tuple = ()):
     from ray.train import (
         CheckpointConfig,
         DataConfig,
@@ -310,7 +314,7 @@ def _trainer(cfg: TrainConfig, settings: WorkerSettings, datasets: dict, storage
             # quiet unless --verbose (dinor1/console.py): Ray Train's INFO logs (worker group
             # start, each TrainingReport) stay in Ray's log files
             logging_config=LoggingConfig(log_level="INFO" if is_verbose() else "WARNING"),
-            worker_runtime_env={"env_vars": worker_env()}),
+            worker_runtime_env={"env_vars": worker_env()}, callbacks=list(callbacks)),
     )
 
 
@@ -353,8 +357,10 @@ def _log_final_model(cfg: TrainConfig, final_dir: str, run_id: str, uri: str) ->
               f"is in {final_dir}", file=sys.stderr)
 
 
-def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
-    """Start (or resume) the job; returns Ray Train's Result."""
+def run_training(cfg: TrainConfig, *, ray_address: str | None = None,
+                 tags: dict[str, str] | None = None, callbacks: list | tuple = ()):
+    """Start (or resume) the job; returns Ray Train's Result. ``tags``: on a new MLflow run;
+    ``callbacks``: Ray Train user callbacks (a sweep's trial forwards reports to Ray Tune)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from dinor1.config import local_output_dir
     from dinor1.console import is_verbose, quiet_ray_data
@@ -369,7 +375,7 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
     changed = check_rerun(cfg, storage, name)  # one-line refusal before anything starts
     if isinstance(storage, Path):
         storage.mkdir(parents=True, exist_ok=True)
-    run_id = _start_mlflow_run(cfg, storage, name, uri)
+    run_id = _start_mlflow_run(cfg, storage, name, uri, tags)
     started_here = start_or_join_ray(ray_address)
     _record_attempt(cfg, storage, name, uri, run_id, changed, started_here)
     per_epoch = _steps_per_epoch(cfg, shards.manifest)
@@ -386,7 +392,7 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None):
         if cfg.checkpointing.start_from else None,
         class_names=contrastive_class_names(cfg, shards.manifest))
     with _start_timeout(cfg.scaling.start_timeout_seconds):
-        result = _trainer(cfg, settings, datasets, storage, name).fit()
+        result = _trainer(cfg, settings, datasets, storage, name, callbacks).fit()
     if result.error is None:
         store.write_text(join(storage, name, FINISHED), f"{run_id}\n")
         if cfg.mlflow.log_model and run_id:

@@ -268,14 +268,18 @@ class TrainingRecipe:
             iter_detection_batches(ray.train.get_dataset_shard("support"), data, train=False),
             self.settings.eval_categories, per_class=cfg.eval.prompts_per_class,
             top_k=cfg.eval.top_k, chunk_size=cfg.eval.prompt_chunk_size, skipped_errors=skipped)
-        if not metrics:
-            return
-        if skipped:
-            self.tracker.log_text("".join(f"{e}\n" for e in skipped), "eval/skipped_samples.txt")
-        metrics["eval/seconds"] = time.perf_counter() - started
-        self.tracker.log_now(metrics, step)
-        print(f"[eval] epoch {epoch} step {step}: AP {metrics['eval/generic/AP']:.3f} "
-              f"AP50 {metrics['eval/generic/AP50']:.3f}", flush=True)
+        if metrics:  # (rank 0)
+            if skipped:
+                self.tracker.log_text("".join(f"{e}\n" for e in skipped),
+                                      "eval/skipped_samples.txt")
+            metrics["eval/seconds"] = time.perf_counter() - started
+            metrics["train/epochs_done"] = float(epoch + 1)
+            self.tracker.log_now(metrics, step)
+            print(f"[eval] epoch {epoch} step {step}: AP {metrics['eval/generic/AP']:.3f} "
+                  f"AP50 {metrics['eval/generic/AP50']:.3f}", flush=True)
+        # every rank reports (rank 0 with the metrics): what a Ray Tune scheduler (ASHA in
+        # `dinor1 sweep`) decides on, through the trial's Ray Train callback
+        ray.train.report(metrics)
 
     def finish(self) -> None:
         """The last checkpoint, the data-quality totals, the final model, the end of the run."""
