@@ -12,6 +12,8 @@ from dinor1.data_pipelines.synthetic import (
     SyntheticConfig,
     category_table,
     generate_synthetic_coco,
+    near_miss_pairs,
+    render_scene,
 )
 
 SMALL = SyntheticConfig(seed=1, image_size=96, num_train=30, num_val=24, num_support=16)
@@ -132,6 +134,8 @@ def test_scenes_are_not_trivial(dataset):
     ("num_categories", 0), ("num_categories", 97), ("num_novel", 8), ("min_objects", 0),
     ("max_objects", 0), ("min_scale", 0.0), ("max_scale", 0.05), ("max_scale", 1.5),
     ("max_overlap_iou", -0.1), ("num_distractors", -1), ("image_format", "gif"),
+    ("num_test", -1), ("long_tail", -1.0), ("long_tail", 6.0), ("rare_fraction", 0.0),
+    ("num_hard_distractors", -1),
 ])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=rf"SyntheticConfig\.{field}="):
@@ -158,3 +162,50 @@ def test_many_categories_and_crowded_scenes(tmp_path):
     data = _load(generate_synthetic_coco(tmp_path, config))
     assert {a["category_id"] for a in data["support"]["annotations"]} == set(range(1, 49))
     assert max(a["category_id"] for a in data["train"]["annotations"]) <= 38
+
+
+def test_long_tail_test_split_and_near_miss_distractors(tmp_path):
+    """The benchmark settings: a long-tailed train split whose categories are labelled r/c/f by
+    their train image counts (LVIS's rule, scaled), a test split like val, and unlabelled
+    near-miss objects that never cover an annotated one. The demo's data is unchanged by them."""
+    config = SyntheticConfig(image_size=64, num_train=300, num_val=30, num_support=16,
+                             num_test=30, num_categories=10, num_novel=2, long_tail=2.5,
+                             rare_fraction=0.02, num_hard_distractors=2)
+    data = _load(generate_synthetic_coco(tmp_path, config, num_workers=2))
+    assert set(data) == {"train", "val", "support", "test"}
+    images: dict[int, set] = {}
+    for a in data["train"]["annotations"]:
+        images.setdefault(a["category_id"], set()).add(a["image_id"])
+    counts = [len(images.get(k, ())) for k in range(1, 9)]
+    assert counts[0] > 5 * counts[-1]  # (a long tail: the first class far ahead of the last)
+    for split in data.values():  # every split carries the same labels
+        assert split["categories"] == data["train"]["categories"]
+    for c in data["train"]["categories"]:
+        n = len(images.get(c["id"], ()))
+        if c["novel"]:
+            assert "frequency" not in c and n == 0
+        else:
+            assert c["frequency"] == ("r" if n <= 6 else "c" if n <= 60 else "f")
+    assert {c.get("frequency") for c in data["train"]["categories"]} == {"r", "c", "f", None}
+    # val and test: all classes, drawn independently
+    assert data["test"]["images"] and data["test"]["annotations"] != data["val"]["annotations"]
+    assert {9, 10} <= {a["category_id"] for a in data["test"]["annotations"]}
+    # near-miss pairs: neither a category's pair, nor made of an unused shape or colour
+    pairs = near_miss_pairs(category_table(10))
+    taken = {(c["shape"], c["colour"]) for c in category_table(10)}
+    assert pairs and not set(pairs) & taken
+    shapes = {c["shape"] for c in category_table(10)}
+    colours = {c["colour"] for c in category_table(10)}
+    assert all(shape in shapes and colour in colours for shape, colour in pairs)
+
+
+def test_hard_distractors_leave_the_annotations_alone():
+    base = SyntheticConfig(image_size=96, num_categories=8, max_objects=3)
+    hard = dataclasses.replace(base, num_hard_distractors=3)
+    changed = 0
+    for index in range(12):
+        image, annotations = render_scene(hard, "val", index)
+        plain_image, plain_annotations = render_scene(base, "val", index)
+        assert annotations == plain_annotations  # drawn after the objects, never over them
+        changed += int((image != plain_image).any())
+    assert changed >= 6  # most scenes got a near-miss object

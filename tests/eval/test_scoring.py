@@ -163,6 +163,24 @@ def test_empty_unknown_images_and_categories(coco_gt):
         assert no_gt["num_gt"] == 0 and math.isnan(no_gt["AP"])
 
 
+def test_frequency_labelled_categories_add_rare_common_frequent_ap(coco_gt, tmp_path):
+    """A COCO dataset whose categories carry LVIS frequency labels (the long-tailed synthetic
+    one) gets APr/APc/APf: each the mean of its categories' AP, as pycocotools gives it with
+    catIds restricted to the group; unlabelled datasets do not."""
+    labels = {1: "r", 2: "c", 3: "f", 4: "f"}
+    gt = {**coco_gt, "categories": [{**c, "frequency": labels[c["id"]]}
+                                    for c in coco_gt["categories"]]}
+    detections = _jittered(gt, seed=11)
+    result = score_coco(gt, detections, novel_category_ids=NOVEL)
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "dt.json").write_text(json.dumps(detections))
+    for label, cats in (("r", [1]), ("c", [2]), ("f", [3, 4])):
+        stats, _ = _pycocotools_direct(tmp_path / "gt.json", tmp_path / "dt.json", cats)
+        assert result.metrics[f"AP{label}"] == pytest.approx(stats[0], abs=1e-12)
+        assert result.metrics[f"AP{label}50"] == pytest.approx(stats[1], abs=1e-12)
+    assert "APr" not in score_coco(coco_gt, detections).metrics
+
+
 def test_ground_truth_assembly_fills_coco_fields():
     images = [{"id": 5, "width": 10, "height": 10, "neg_category_ids": [2]}]
     annotations = [{"image_id": 5, "category_id": 1, "bbox": [1, 1, 2, 3], "id": 0}]
