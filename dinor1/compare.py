@@ -407,6 +407,11 @@ def compare_sweep(experiment: str, sweep: str, *, tracking_uri: str | None = Non
                         "seed": int(tags.get(SEED_TAG, -1)),
                         "params": ", ".join(f"{k}={v}" for k, v in sorted(params.items())),
                         "status": status, **run.data.metrics})
+    # rows in the sweep file's variant order (trials may start in any order), then by seed
+    order = json.loads(parent[0].data.params.get("sweep.variants", "[]")) if parent else []
+    rank = {name: i for i, name in enumerate(order)}
+    records.sort(key=lambda r: (rank.get(r["variant"], len(rank)), r["variant"], r["params"],
+                                r["seed"]))
     table = pd.DataFrame.from_records(records)
     names = _sweep_metric_columns(table, metrics, sweep)
     trials = table[["trial", "variant", "seed", "params", "status", *names]]
